@@ -84,3 +84,75 @@ def cache(prepared_cache, monkeypatch):
 @pytest.fixture
 def tokenizer(cache):
     return prepare.Tokenizer.from_directory()
+
+
+# ---------------------------------------------------------------------------
+# End to end: prepare.py from a loopback HTTP server, then a short train.py run
+# ---------------------------------------------------------------------------
+
+import functools  # noqa: E402
+import http.server  # noqa: E402
+import subprocess  # noqa: E402
+import threading  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+# Runs train.py unmodified with a short time budget and a single eval batch:
+# the constants are patched on the imported prepare module before train.py runs.
+TRAIN_DRIVER = """
+import os, runpy, sys
+sys.path.insert(0, os.getcwd())
+import prepare
+prepare.TIME_BUDGET = {time_budget}
+prepare.EVAL_TOKENS = {eval_tokens}
+{extra}
+runpy.run_path("train.py", run_name="__main__")
+"""
+
+
+def run_train(cache_dir, time_budget=2, eval_tokens=None, extra="", timeout=600):
+    """Run train.py in a subprocess against cache_dir; returns the CompletedProcess (text output)."""
+    eval_tokens = eval_tokens or "prepare.MAX_SEQ_LEN * 32"
+    code = TRAIN_DRIVER.format(time_budget=time_budget, eval_tokens=eval_tokens, extra=extra)
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(cache_dir),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def subprocess_env(cache_dir, **extra):
+    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture(scope="session")
+def shard_server(tmp_path_factory):
+    """A loopback HTTP server serving a synthetic corpus; yields its base URL."""
+    root = tmp_path_factory.mktemp("served")
+    write_corpus(str(root), num_train=3, docs_per_shard=300, seed=7)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{server.server_address[1]}", root=str(root))
+    server.shutdown()
+
+
+@pytest.fixture(scope="session")
+def e2e(shard_server, tmp_path_factory):
+    """prepare.py (download from loopback + tokenizer) then a short train.py run, once per session."""
+    cache = tmp_path_factory.mktemp("e2e_cache")
+    prep = subprocess.run([sys.executable, "prepare.py", "--num-shards", "3", "--data-url", shard_server.url],
+                          cwd=ROOT, env=subprocess_env(cache), capture_output=True, text=True, timeout=300)
+    train = run_train(cache) if prep.returncode == 0 else None
+    return SimpleNamespace(cache=str(cache), prepare=prep, train=train)
+
+
+@pytest.fixture(scope="session")
+def train_stdout(e2e):
+    """The full stdout of a real (short) train.py run."""
+    assert e2e.prepare.returncode == 0, e2e.prepare.stdout + e2e.prepare.stderr
+    assert e2e.train.returncode == 0, e2e.train.stdout[-3000:] + e2e.train.stderr[-3000:]
+    return e2e.train.stdout
