@@ -11,18 +11,28 @@ and `evaluate_bpb` (the metric). The agent never edits this file.
 """
 
 import argparse
+import datetime
+import email.utils
+import errno
+import functools
+import hashlib
 import math
 import os
 import pickle
+import re
 import shutil
+import signal
 import sys
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 import torch
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------
 # Device (the same detection decides train.py's device and defaults)
@@ -94,6 +104,11 @@ TOKENIZER_DOC_CAP = 10_000           # each document cropped to this many charac
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_TIMEOUT = 30                # seconds without data before giving up on a request
 DOWNLOAD_CHUNK = 1 << 20             # 1 MiB
+RETRY_AFTER_MAX = 300                # longest Retry-After wait honoured, seconds (bounds a run's wait)
+DISK_CHECK_SAMPLE = 16               # shards whose size is asked for (HEAD) before downloading
+# Per-shard size when the source states none: a ClimbMix shard holds ~61M tokens
+# (400B / 6543), i.e. ~250M characters, ~100 MB as zstd parquet; rounded up.
+SHARD_BYTES_GUESS = 120 * 10**6
 
 
 def shard_filename(index):
@@ -103,10 +118,17 @@ def shard_filename(index):
 # ---------------------------------------------------------------------------
 # Data download
 # ---------------------------------------------------------------------------
+# A shard counts as present only when verify_shard() accepts it, so a partial,
+# truncated or garbled file never reaches tokenizer training or train.py.
 
 def _backoff_base():
     # Tests shorten the retry sleeps through this variable; the default is the reference's 2**attempt s.
     return float(os.environ.get("AUTORESEARCH_BACKOFF_BASE", "2"))
+
+
+def _download_timeout():
+    # Tests shorten the network timeout through this variable; the default is the reference's 30 s.
+    return float(os.environ.get("AUTORESEARCH_DOWNLOAD_TIMEOUT", str(DOWNLOAD_TIMEOUT)))
 
 
 def _source_kind(source):
@@ -119,79 +141,284 @@ def _source_kind(source):
     return "dir", os.path.abspath(os.path.expanduser(source))
 
 
+def verify_shard(path):
+    """Check that `path` is a readable parquet file with a string column `text`.
+
+    Only the footer and schema are read (a few KB), so this is cheap enough to
+    run on every cached shard at each start. It cannot see damage inside the
+    data pages; downloads are covered there by the size and sha256 checks.
+
+    Returns:
+        None when the shard is usable, else a short reason (str). Never raises
+        for a bad or missing file.
+    """
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        return f"is not a readable parquet file ({e})"
+    if "text" not in schema.names:
+        return f"has no column 'text' (columns: {', '.join(schema.names)})"
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        return f"has a column 'text' of type {text_type}, not string"
+    return None
+
+
+class _FetchError(Exception):
+    """One failed attempt. retry: whether another attempt can help; wait: seconds the server asked for (Retry-After)."""
+
+    def __init__(self, message, retry=True, wait=None):
+        super().__init__(message)
+        self.retry = retry
+        self.wait = wait
+
+
+def _retry_after(response):
+    """Seconds from a Retry-After header (delay or HTTP date), capped at RETRY_AFTER_MAX; None when absent or unreadable."""
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = (email.utils.parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
+def _stated_size_and_sha256(response):
+    """What the server says the file is: (size in bytes or None, sha256 hex or None).
+
+    The Hugging Face hub answers a resolve/ URL with a redirect that carries
+    X-Linked-Size and X-Linked-Etag (the sha256 of the stored file); requests
+    follows it, so those headers sit on response.history. Content-Length of the
+    final response counts only when the body is not content-encoded.
+    """
+    size = sha256 = None
+    for r in [*response.history, response]:
+        if r.headers.get("X-Linked-Size", "").strip().isdigit():
+            size = int(r.headers["X-Linked-Size"])
+        etag = r.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            sha256 = etag
+    if size is None and not response.headers.get("Content-Encoding") and response.headers.get("Content-Length", "").strip().isdigit():
+        size = int(response.headers["Content-Length"])
+    return size, sha256
+
+
+_PARENT_PID = None  # set in pool workers, so that they stop when prepare.py itself was killed
+
+
+def _init_download_worker():
+    # Ctrl-C goes to the whole process group: let only the parent handle it (it
+    # then terminates the pool) instead of every worker printing a traceback.
+    global _PARENT_PID
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _PARENT_PID = os.getppid()
+
+
+def _check_parent_alive():
+    # A worker whose parent was SIGKILLed is orphaned: stop instead of downloading for nobody.
+    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+        raise SystemExit(0)
+
+
 def _fetch_to(source, filename, tmp_path):
-    """Fetch one shard from `source` into tmp_path. Raises on any failure."""
+    """Fetch one shard from `source` into tmp_path and check it. Raises _FetchError on any failure."""
     kind, where = _source_kind(source)
     if kind == "dir":
         src = os.path.join(where, filename)
         if not os.path.isfile(src):
-            raise FileNotFoundError(f"{src} does not exist")
+            raise _FetchError(f"{src} does not exist", retry=False)
         shutil.copyfile(src, tmp_path)
+        problem = verify_shard(tmp_path)
+        if problem:
+            raise _FetchError(f"{src} {problem}", retry=False)
         return
-    with requests.get(f"{where}/{filename}", stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
-        response.raise_for_status()
-        with open(tmp_path, "wb") as f:
-            for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
-                f.write(chunk)
+
+    try:
+        with requests.get(f"{where}/{filename}", stream=True, timeout=_download_timeout()) as response:
+            status = response.status_code
+            if status == 429 or status >= 500:
+                raise _FetchError(f"HTTP {status} {response.reason}", wait=_retry_after(response))
+            if status != 200:
+                # 404 and other 4xx (and odd 2xx/3xx) will not change by asking again
+                raise _FetchError(f"HTTP {status} {response.reason} (not retried)", retry=False)
+            size, sha256 = _stated_size_and_sha256(response)
+            digest, received = hashlib.sha256(), 0
+            with open(tmp_path, "wb") as f:
+                for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
+                    _check_parent_alive()
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                # on disk before the rename, so that a power cut cannot leave an empty "shard"
+                f.flush()
+                os.fsync(f.fileno())
+    except requests.Timeout as e:
+        raise _FetchError(f"no data for {_download_timeout():g} s ({type(e).__name__})") from e
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+        raise _FetchError(f"{type(e).__name__}: {e}") from e
+    except requests.RequestException as e:
+        raise _FetchError(f"{type(e).__name__}: {e} (not retried)", retry=False) from e
+    if size is not None and received != size:
+        raise _FetchError(f"received {received} bytes, the server stated {size}")
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise _FetchError(f"sha256 {digest.hexdigest()} differs from the server's {sha256}")
+    problem = verify_shard(tmp_path)
+    if problem:
+        raise _FetchError(f"the downloaded file {problem}")
 
 
-def download_shard(index, source=None):
-    """Download shard `index` into DATA_DIR unless it is already there.
+def download_shard(index, source=None, data_dir=None):
+    """Download shard `index` into data_dir (default DATA_DIR) unless a valid copy is there.
 
-    The bytes go to `<name>.tmp` and are renamed to the final name only when
-    complete, so an interrupted download never looks like a shard. Failures are
-    retried up to DOWNLOAD_ATTEMPTS times, sleeping 2**attempt seconds between.
+    The bytes go to `<name>.<pid>.tmp`, are checked (stated size, sha256 when
+    the server gives one, parquet footer with a string column `text`) and only
+    then renamed to the final name, so an interrupted or bad download never
+    looks like a shard; the pid keeps a killed run's leftover apart from a new
+    run's file. A cached file that fails verify_shard() is deleted and fetched
+    again. Connection errors, timeouts, HTTP 5xx and 429 are retried up to
+    DOWNLOAD_ATTEMPTS times, sleeping 2**attempt s between (longer if a
+    Retry-After header asks for it); 404, other 4xx and a missing or invalid
+    file in a local source fail at once.
 
     Returns:
-        (filename, error): error is None on success, else the last error message.
+        (filename, error): error is None when the shard is in place, else the
+        last failure (str). Nothing partial is left behind on failure.
     """
     source = source or BASE_URL
     filename = shard_filename(index)
-    path = os.path.join(DATA_DIR, filename)
+    path = os.path.join(data_dir or DATA_DIR, filename)
     if os.path.exists(path):
-        return filename, None
-    tmp_path = path + ".tmp"
+        if verify_shard(path) is None:
+            return filename, None
+        os.remove(path)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
     error = None
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        _check_parent_alive()
         try:
-            _fetch_to(source, filename, tmp_path)
-            os.replace(tmp_path, path)
-            return filename, None
-        except (requests.RequestException, OSError) as e:
-            error = f"{type(e).__name__}: {e}"
+            try:
+                _fetch_to(source, filename, tmp_path)
+                os.replace(tmp_path, path)
+                return filename, None
+            except OSError as e:  # local disk trouble: a full disk does not clear up by retrying
+                raise _FetchError(f"{type(e).__name__}: {e}", retry=e.errno != errno.ENOSPC) from e
+        except _FetchError as e:
+            error = str(e)
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
-            # a missing file will not appear by retrying
-            if isinstance(e, FileNotFoundError) or (isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code == 404):
+            if not e.retry:
                 break
             if attempt < DOWNLOAD_ATTEMPTS:
-                time.sleep(_backoff_base() ** attempt)
+                time.sleep(max(_backoff_base() ** attempt, e.wait or 0))
+            else:
+                error += f" (after {DOWNLOAD_ATTEMPTS} attempts)"
     return filename, error
 
 
+def _stated_size(source, filename):
+    """Bytes that `source` states for `filename` (HEAD for http), or None when it does not say or cannot be reached."""
+    kind, where = _source_kind(source)
+    if kind == "dir":
+        path = os.path.join(where, filename)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    try:
+        with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=_download_timeout()) as response:
+            return _stated_size_and_sha256(response)[0] if response.status_code == 200 else None
+    except requests.RequestException:
+        return None
+
+
+def _check_disk_space(indices, source, workers):
+    """Refuse (SystemExit) when the disk holding DATA_DIR cannot hold the shards still to fetch.
+
+    Sizes come from the source for up to DISK_CHECK_SAMPLE shards (HEAD
+    requests, in parallel); the others count as the mean of those, or as
+    SHARD_BYTES_GUESS when the source states no size at all.
+    """
+    sample = [shard_filename(i) for i in indices[:DISK_CHECK_SAMPLE]]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sample)))) as threads:
+        sizes = [s for s in threads.map(lambda name: _stated_size(source, name), sample) if s is not None]
+    per_shard = sum(sizes) / len(sizes) if sizes else SHARD_BYTES_GUESS
+    needed = sum(sizes) + per_shard * (len(indices) - len(sizes))
+    free = shutil.disk_usage(DATA_DIR).free
+    if needed > free:
+        basis = (f"sizes stated by the source for {len(sizes)} of them" if sizes
+                 else f"about {SHARD_BYTES_GUESS / 1e6:.0f} MB each, the source stated no sizes")
+        raise SystemExit(
+            f"prepare.py: not enough disk space for {DATA_DIR}: {len(indices)} shard(s) to fetch need about "
+            f"{needed / 1e9:.2f} GB ({basis}), but only {free / 1e9:.2f} GB are free there.\n"
+            f"Free some space, ask for fewer shards with --num-shards, or set AUTORESEARCH_CACHE_DIR "
+            f"to a directory on a bigger disk."
+        )
+
+
 def download_data(num_shards, source=None, workers=8):
-    """Fetch training shards 0..num_shards-1 and the validation shard in a process pool.
+    """Make training shards 0..num_shards-1 and the validation shard present and valid in DATA_DIR.
+
+    Steps: delete `.tmp` leftovers of interrupted runs; check the cached shards
+    (verify_shard) and delete those that fail; refuse when the disk cannot hold
+    what is missing; fetch the missing shards in a process pool (download_shard)
+    with a progress bar (tqdm, silent when stderr is not a terminal); print one
+    summary of what failed.
 
     Raises:
-        SystemExit: a shard could not be fetched; the message names the source
-        and the `--data-url` / `AUTORESEARCH_DATA_URL` override.
+        SystemExit: not enough disk space, or after the downloads the validation
+        shard or every requested training shard is missing; the message names
+        the source and the `--data-url` / `AUTORESEARCH_DATA_URL` override. When
+        only some training shards failed, the summary is printed and the
+        function returns.
     """
     source = source or BASE_URL
     os.makedirs(DATA_DIR, exist_ok=True)
     indices = list(range(num_shards)) + [VAL_SHARD]
-    print(f"Downloading {len(indices)} shards from {source} to {DATA_DIR} ({workers} workers)")
-    with Pool(processes=max(1, min(workers, len(indices)))) as pool:
-        results = pool.starmap(download_shard, [(i, source) for i in indices])
-    failed = [(name, err) for name, err in results if err is not None]
+    paths = {i: os.path.join(DATA_DIR, shard_filename(i)) for i in indices}
+    for name in os.listdir(DATA_DIR):
+        if name.startswith("shard_") and name.endswith(".tmp"):
+            os.remove(os.path.join(DATA_DIR, name))
+
+    with Pool(processes=max(1, min(workers, len(indices))), initializer=_init_download_worker) as pool:
+        cached = [i for i in indices if os.path.exists(paths[i])]
+        for i, problem in zip(cached, pool.map(verify_shard, [paths[i] for i in cached])):
+            if problem:
+                print(f"{shard_filename(i)}: the cached file {problem}; deleting it and fetching it again")
+                os.remove(paths[i])
+        missing = [i for i in indices if not os.path.exists(paths[i])]
+        print(f"{len(indices) - len(missing)}/{len(indices)} shards already in {DATA_DIR}")
+        failed = {}
+        if missing:
+            _check_disk_space(missing, source, workers)
+            print(f"Downloading {len(missing)} shards from {source} ({workers} workers)")
+            fetch = functools.partial(download_shard, source=source, data_dir=DATA_DIR)
+            bar = tqdm(pool.imap_unordered(fetch, missing), total=len(missing), desc="Downloading", unit="shard", disable=None)
+            for filename, error in bar:
+                if error is not None:
+                    failed[filename] = error
+
+    ready_train = [i for i in indices[:-1] if os.path.exists(paths[i])]
     print(f"{len(indices) - len(failed)}/{len(indices)} shards ready in {DATA_DIR}")
-    if failed:
-        lines = "\n".join(f"  {name}: {err}" for name, err in failed[:10])
-        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
-        raise SystemExit(
-            f"prepare.py: could not fetch {len(failed)} shard(s) from {source}:\n{lines}{more}\n"
-            f"If that source is unreachable, point --data-url or AUTORESEARCH_DATA_URL at a mirror "
-            f"(an http(s) URL, a file:// URL or a local directory holding the same shard names)."
-        )
+    if not failed:
+        return
+    lines = "\n".join(f"  {name}: {error}" for name, error in sorted(failed.items())[:10])
+    more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+    summary = (
+        f"prepare.py: could not fetch {len(failed)} of {len(indices)} shard(s) from {source}:\n{lines}{more}\n"
+        f"If that source is unreachable or lacks these files, point --data-url or AUTORESEARCH_DATA_URL at a mirror "
+        f"(an http(s) URL, a file:// URL or a local directory holding the same shard names). "
+        f"Shards already fetched are kept: rerunning prepare.py fetches only the missing ones."
+    )
+    fatal = []
+    if not os.path.exists(paths[VAL_SHARD]):
+        fatal.append(f"The validation shard {VAL_FILENAME} is missing: nothing can be evaluated without it.")
+    if not ready_train:
+        fatal.append("No training shard is ready.")
+    if fatal:
+        raise SystemExit("\n".join([summary, *fatal]))
+    print(f"{summary}\nContinuing with the {len(ready_train)} training shards that are ready.", file=sys.stderr)
 
 
 def list_parquet_files():
@@ -460,7 +687,12 @@ if __name__ == "__main__":
     if not 1 <= num_shards <= MAX_SHARD:
         parser.error(f"--num-shards must be -1 or between 1 and {MAX_SHARD}")
     print(f"Cache directory: {CACHE_DIR}")
-    download_data(num_shards, source=args.data_url, workers=args.download_workers)
-    train_tokenizer()
+    try:
+        download_data(num_shards, source=args.data_url, workers=args.download_workers)
+        train_tokenizer()
+    except KeyboardInterrupt:
+        # nothing half-written counts as a shard or a tokenizer, so a rerun simply continues
+        print("\nInterrupted: rerun prepare.py to continue; verified shards are kept.", file=sys.stderr)
+        sys.exit(130)
     print("Done: run `uv run train.py`.")
     sys.exit(0)
