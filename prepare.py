@@ -466,13 +466,67 @@ def text_iterator(max_chars=TOKENIZER_MAX_CHARS, doc_cap=TOKENIZER_DOC_CAP):
                     return
 
 
+def load_tokenizer_files(tokenizer_dir=None):
+    """Load tokenizer.pkl and token_bytes.pt from tokenizer_dir (default TOKENIZER_DIR) and check they form a pair.
+
+    Cheap (one unpickle, one 32 KB tensor). A pair is broken when a file is
+    missing or unreadable, token_bytes.pt is not a 1-D integer tensor, the
+    tokenizer lacks the BOS token, or their vocabulary sizes differ.
+
+    Returns:
+        (enc, token_bytes): the `tiktoken.Encoding` and the int tensor on the CPU.
+    Raises:
+        ValueError: the pair is missing or broken; the message says what is wrong.
+    """
+    tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
+    pkl_path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+    bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    exists = [os.path.exists(p) for p in (pkl_path, bytes_path)]
+    if not any(exists):
+        raise ValueError(f"no tokenizer in {tokenizer_dir}")
+    if not all(exists):
+        have, lack = (pkl_path, bytes_path) if exists[0] else (bytes_path, pkl_path)
+        raise ValueError(f"{have} exists but {lack} is missing")
+    try:
+        with open(pkl_path, "rb") as f:
+            enc = pickle.load(f)
+        vocab_size = enc.n_vocab
+    except Exception as e:  # a truncated or foreign pickle fails in many ways
+        raise ValueError(f"{pkl_path} cannot be read ({type(e).__name__}: {e})") from e
+    try:
+        token_bytes = torch.load(bytes_path, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{bytes_path} cannot be read ({type(e).__name__}: {e})") from e
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.dim() == 1 and not token_bytes.is_floating_point()):
+        raise ValueError(f"{bytes_path} is not a 1-D integer tensor")
+    if BOS_TOKEN not in enc.special_tokens_set:
+        raise ValueError(f"{pkl_path} has no {BOS_TOKEN} token")
+    if len(token_bytes) != vocab_size:
+        raise ValueError(f"{pkl_path} has {vocab_size} tokens but {bytes_path} has {len(token_bytes)} entries")
+    return enc, token_bytes
+
+
+def _write_atomically(path, write):
+    # write(f) fills path.tmp, which is synced and renamed over path: a crash leaves the old file or the new one, never half of one.
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
 def train_tokenizer():
     """Train the BPE tokenizer on the training shards and write tokenizer.pkl and token_bytes.pt.
 
-    Skipped when both files exist. Byte-level BPE by rustbpe with SPLIT_PATTERN,
-    VOCAB_SIZE - 4 mergeable tokens, then the 4 special tokens; the result is a
-    pickled `tiktoken.Encoding`. token_bytes.pt holds, per token id, the UTF-8
-    byte length of the token (0 for special tokens): the metric's denominator.
+    Skipped when both files exist and load_tokenizer_files() accepts them; a
+    broken pair (one file missing, unreadable, or vocabulary sizes that differ)
+    is reported, deleted and trained again. Byte-level BPE by rustbpe with
+    SPLIT_PATTERN, VOCAB_SIZE - 4 mergeable tokens, then the 4 special tokens;
+    the result is a pickled `tiktoken.Encoding`. token_bytes.pt holds, per
+    token id, the UTF-8 byte length of the token (0 for special tokens): the
+    metric's denominator. Both files are written atomically. A progress bar
+    (tqdm, silent when stderr is not a terminal) counts the characters read.
 
     Raises:
         SystemExit: fewer than 2 shards are in the cache.
@@ -482,16 +536,29 @@ def train_tokenizer():
 
     tokenizer_pkl = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
     token_bytes_path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-    if os.path.exists(tokenizer_pkl) and os.path.exists(token_bytes_path):
+    try:
+        load_tokenizer_files()
         print(f"Tokenizer: already trained at {TOKENIZER_DIR}")
         return
+    except ValueError as e:
+        if os.path.exists(tokenizer_pkl) or os.path.exists(token_bytes_path):
+            print(f"Tokenizer: {e}; training it again")
+            # drop both now: a crash between the two writes below must not pair a new file with an old one
+            for path in (tokenizer_pkl, token_bytes_path):
+                if os.path.exists(path):
+                    os.remove(path)
     if len(list_parquet_files()) < 2:
         raise SystemExit("Tokenizer training needs at least 2 shards (one training shard and the validation shard).")
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
 
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(text_iterator(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    with tqdm(total=TOKENIZER_MAX_CHARS, desc="Tokenizer", unit="char", unit_scale=True, disable=None) as bar:
+        def counted_documents():
+            for doc in text_iterator():
+                bar.update(len(doc))
+                yield doc
+        bpe.train_from_iterator(counted_documents(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     mergeable_ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
     offset = len(mergeable_ranks)
     special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -510,9 +577,8 @@ def train_tokenizer():
     sample = "Hello world! Numbers: 123, 4567. Unicode: 你好世界 ünïcödé"
     assert enc.decode(enc.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
 
-    with open(tokenizer_pkl, "wb") as f:
-        pickle.dump(enc, f)
-    torch.save(token_bytes, token_bytes_path)
+    _write_atomically(token_bytes_path, lambda f: torch.save(token_bytes, f))
+    _write_atomically(tokenizer_pkl, lambda f: pickle.dump(enc, f))
     print(f"Tokenizer: saved to {TOKENIZER_DIR}")
 
 
@@ -529,12 +595,18 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
-        """Load tokenizer.pkl (default dir: TOKENIZER_DIR). Raises SystemExit (run prepare.py) when it is missing."""
-        path = os.path.join(tokenizer_dir or TOKENIZER_DIR, "tokenizer.pkl")
-        if not os.path.exists(path):
-            raise SystemExit(f"No tokenizer at {path}: run `uv run prepare.py` first.")
-        with open(path, "rb") as f:
-            return cls(pickle.load(f))
+        """Load the trained tokenizer from tokenizer_dir (default TOKENIZER_DIR).
+
+        Raises:
+            SystemExit: tokenizer.pkl or token_bytes.pt is missing, unreadable,
+            or the two disagree (see load_tokenizer_files); the message says to
+            rerun prepare.py, which trains them again.
+        """
+        try:
+            enc, _ = load_tokenizer_files(tokenizer_dir)
+        except ValueError as e:
+            raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it again.") from None
+        return cls(enc)
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -562,11 +634,17 @@ class Tokenizer:
 
 
 def get_token_bytes(device="cpu"):
-    """int32 tensor (vocab,): UTF-8 byte length of each token, 0 for special tokens."""
-    path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"No {path}: run `uv run prepare.py` first.")
-    return torch.load(path, map_location=device)
+    """int32 tensor (vocab,) on `device`: UTF-8 byte length of each token, 0 for special tokens.
+
+    Raises:
+        SystemExit: the tokenizer pair in TOKENIZER_DIR is missing or broken
+        (see load_tokenizer_files); the message says to rerun prepare.py.
+    """
+    try:
+        _, token_bytes = load_tokenizer_files()
+    except ValueError as e:
+        raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it again.") from None
+    return token_bytes.to(device)
 
 
 def _document_batches(split, tokenizer_batch_size=128):
