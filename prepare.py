@@ -174,7 +174,10 @@ class _FetchError(Exception):
 
 
 def _retry_after(response):
-    """Seconds from a Retry-After header (delay or HTTP date), capped at RETRY_AFTER_MAX; None when absent or unreadable."""
+    """Seconds asked for by a Retry-After header (a delay or an HTTP date), capped at RETRY_AFTER_MAX.
+
+    Returns None when the header is absent or unreadable.
+    """
     value = response.headers.get("Retry-After", "").strip()
     if not value:
         return None
@@ -182,7 +185,8 @@ def _retry_after(response):
         seconds = float(value)
     except ValueError:
         try:
-            seconds = (email.utils.parsedate_to_datetime(value) - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+            when = email.utils.parsedate_to_datetime(value)
+            seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
         except (TypeError, ValueError):
             return None
     return min(max(seconds, 0.0), RETRY_AFTER_MAX)
@@ -193,8 +197,8 @@ def _stated_size_and_sha256(response):
 
     The Hugging Face hub answers a resolve/ URL with a redirect that carries
     X-Linked-Size and X-Linked-Etag (the sha256 of the stored file); requests
-    follows it, so those headers sit on response.history. Content-Length of the
-    final response counts only when the body is not content-encoded.
+    follows it, so those headers sit on response.history. Content-Length counts
+    only on a final 200 whose body is not content-encoded.
     """
     size = sha256 = None
     for r in [*response.history, response]:
@@ -203,8 +207,9 @@ def _stated_size_and_sha256(response):
         etag = r.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
         if re.fullmatch(r"[0-9a-f]{64}", etag):
             sha256 = etag
-    if size is None and not response.headers.get("Content-Encoding") and response.headers.get("Content-Length", "").strip().isdigit():
-        size = int(response.headers["Content-Length"])
+    length = response.headers.get("Content-Length", "").strip()
+    if size is None and response.status_code == 200 and not response.headers.get("Content-Encoding") and length.isdigit():
+        size = int(length)
     return size, sha256
 
 
@@ -258,8 +263,9 @@ def _fetch_to(source, filename, tmp_path):
                 f.flush()
                 os.fsync(f.fileno())
     except requests.Timeout as e:
-        raise _FetchError(f"no data for {_download_timeout():g} s ({type(e).__name__})") from e
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as e:
+        raise _FetchError(f"timed out: no data for {_download_timeout():g} s ({type(e).__name__})") from e
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError) as e:
         raise _FetchError(f"{type(e).__name__}: {e}") from e
     except requests.RequestException as e:
         raise _FetchError(f"{type(e).__name__}: {e} (not retried)", retry=False) from e
@@ -327,8 +333,9 @@ def _stated_size(source, filename):
         path = os.path.join(where, filename)
         return os.path.getsize(path) if os.path.isfile(path) else None
     try:
+        # the redirect's X-Linked-Size counts even if the storage behind it refuses HEAD
         with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=_download_timeout()) as response:
-            return _stated_size_and_sha256(response)[0] if response.status_code == 200 else None
+            return _stated_size_and_sha256(response)[0]
     except requests.RequestException:
         return None
 
@@ -357,6 +364,13 @@ def _check_disk_space(indices, source, workers):
         )
 
 
+def _remove_partial_downloads():
+    # .tmp files are never shards; those of an interrupted or killed run are useless
+    for name in os.listdir(DATA_DIR):
+        if name.startswith("shard_") and name.endswith(".tmp"):
+            os.remove(os.path.join(DATA_DIR, name))
+
+
 def download_data(num_shards, source=None, workers=8):
     """Make training shards 0..num_shards-1 and the validation shard present and valid in DATA_DIR.
 
@@ -377,27 +391,29 @@ def download_data(num_shards, source=None, workers=8):
     os.makedirs(DATA_DIR, exist_ok=True)
     indices = list(range(num_shards)) + [VAL_SHARD]
     paths = {i: os.path.join(DATA_DIR, shard_filename(i)) for i in indices}
-    for name in os.listdir(DATA_DIR):
-        if name.startswith("shard_") and name.endswith(".tmp"):
-            os.remove(os.path.join(DATA_DIR, name))
-
-    with Pool(processes=max(1, min(workers, len(indices))), initializer=_init_download_worker) as pool:
-        cached = [i for i in indices if os.path.exists(paths[i])]
-        for i, problem in zip(cached, pool.map(verify_shard, [paths[i] for i in cached])):
-            if problem:
-                print(f"{shard_filename(i)}: the cached file {problem}; deleting it and fetching it again")
-                os.remove(paths[i])
-        missing = [i for i in indices if not os.path.exists(paths[i])]
-        print(f"{len(indices) - len(missing)}/{len(indices)} shards already in {DATA_DIR}")
-        failed = {}
-        if missing:
-            _check_disk_space(missing, source, workers)
-            print(f"Downloading {len(missing)} shards from {source} ({workers} workers)")
-            fetch = functools.partial(download_shard, source=source, data_dir=DATA_DIR)
-            bar = tqdm(pool.imap_unordered(fetch, missing), total=len(missing), desc="Downloading", unit="shard", disable=None)
-            for filename, error in bar:
-                if error is not None:
-                    failed[filename] = error
+    _remove_partial_downloads()
+    failed = {}
+    try:
+        with Pool(processes=max(1, min(workers, len(indices))), initializer=_init_download_worker) as pool:
+            cached = [i for i in indices if os.path.exists(paths[i])]
+            for i, problem in zip(cached, pool.map(verify_shard, [paths[i] for i in cached])):
+                if problem:
+                    print(f"{shard_filename(i)}: the cached file {problem}; deleting it and fetching it again")
+                    os.remove(paths[i])
+            missing = [i for i in indices if not os.path.exists(paths[i])]
+            print(f"{len(indices) - len(missing)}/{len(indices)} shards already in {DATA_DIR}")
+            if missing:
+                _check_disk_space(missing, source, workers)
+                print(f"Downloading {len(missing)} shards from {source} ({workers} workers)")
+                fetch = functools.partial(download_shard, source=source, data_dir=DATA_DIR)
+                bar = tqdm(pool.imap_unordered(fetch, missing), total=len(missing), desc="Downloading", unit="shard",
+                           disable=None)
+                for filename, error in bar:
+                    if error is not None:
+                        failed[filename] = error
+    except KeyboardInterrupt:
+        _remove_partial_downloads()  # the pool is terminated by now, so no worker still writes them
+        raise
 
     ready_train = [i for i in indices[:-1] if os.path.exists(paths[i])]
     print(f"{len(indices) - len(failed)}/{len(indices)} shards ready in {DATA_DIR}")
@@ -507,7 +523,8 @@ def load_tokenizer_files(tokenizer_dir=None):
 
 
 def _write_atomically(path, write):
-    # write(f) fills path.tmp, which is synced and renamed over path: a crash leaves the old file or the new one, never half of one.
+    # write(f) fills path.tmp, which is synced and renamed over path: a crash
+    # leaves the old file or the new one, never half of one
     tmp_path = path + ".tmp"
     with open(tmp_path, "wb") as f:
         write(f)

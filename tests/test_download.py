@@ -453,33 +453,46 @@ def test_program_exits_nonzero_when_the_validation_shard_and_all_training_shards
     assert not os.path.exists(tmp_path / "cache" / "tokenizer")
 
 
-def test_sigkill_mid_download_then_rerun_completes(server, tmp_path):
-    for i in [0, 1, prepare.VAL_SHARD]:
+def test_interrupted_runs_leave_only_valid_shards_and_a_rerun_completes(server, tmp_path):
+    """Ctrl-C, then SIGKILL, in the middle of a download; the third run completes."""
+    for i in [0, 1, 2, prepare.VAL_SHARD]:
         server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
-    server.files["shard_00002.parquet"] = shard_bytes(tmp_path, 2)
-    server.script("shard_00002.parquet", "trickle", "ok")
-    cache = tmp_path / "cache"
-    data_dir = cache / "data"
-
-    proc = run_prepare(cache, server.url, 3)
-    deadline = time.time() + 60
+    server.script("shard_00002.parquet", "trickle", "trickle", "ok")
+    data_dir = tmp_path / "cache" / "data"
     done = [prepare.shard_filename(i) for i in [0, 1, prepare.VAL_SHARD]]
-    while not (server.trickled >= 256 and all((data_dir / n).exists() for n in done)):
-        assert proc.poll() is None and time.time() < deadline, "prepare.py did not reach the slow download"
-        time.sleep(0.05)
-    leftovers = [n for n in cache_listing(data_dir) if n.startswith("shard_00002")]
-    assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the download in progress
+
+    def start_and_wait_for_the_slow_download(**popen):
+        proc = run_prepare(tmp_path / "cache", server.url, 3, **popen)
+        trickled, deadline = server.trickled, time.time() + 90
+        while not (server.trickled >= trickled + 256 and all((data_dir / n).exists() for n in done)):
+            assert proc.poll() is None and time.time() < deadline, "prepare.py did not reach the slow download"
+            time.sleep(0.05)
+        leftovers = [n for n in cache_listing(data_dir) if n.startswith("shard_00002")]
+        assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the download in progress
+        return proc
+
+    # 1. Ctrl-C, as a terminal sends it: to the whole process group
+    proc = start_and_wait_for_the_slow_download(start_new_session=True)
+    os.killpg(proc.pid, signal.SIGINT)
+    code, out, err = finish(proc)
+    assert code == 130 and "rerun prepare.py to continue" in err and "Traceback" not in err
+    assert_only_valid_shards(data_dir)
+    assert cache_listing(data_dir) == done
+
+    # 2. SIGKILL to prepare.py alone: its pool workers are orphaned and must stop by themselves
+    proc = start_and_wait_for_the_slow_download()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
-    server.release.set()  # end the trickle: the orphaned worker sees its parent gone and stops
-
+    server.release.set()  # ends the trickle, incomplete: the orphaned worker sees its parent gone
     assert not (data_dir / "shard_00002.parquet").exists()
-    code, out, err = finish(run_prepare(cache, server.url, 3))
+
+    # 3. a plain rerun continues where the others stopped
+    code, out, err = finish(run_prepare(tmp_path / "cache", server.url, 3))
     assert code == 0, err
     assert "3/4 shards already" in out
     assert_only_valid_shards(data_dir)
-    assert cache_listing(data_dir) == [prepare.shard_filename(i) for i in [0, 1, 2, prepare.VAL_SHARD]]
-    # the rerun fetched only what was missing, and nothing fetched for the killed run afterwards
-    assert [server.gets(prepare.shard_filename(i)) for i in [0, 1, 2, prepare.VAL_SHARD]] == [1, 1, 2, 1]
+    assert cache_listing(data_dir) == sorted(done + ["shard_00002.parquet"])
+    # shards fetched once each, shard 2 once per run; no request from an orphan after the kill
+    assert [server.gets(prepare.shard_filename(i)) for i in [0, 1, 2, prepare.VAL_SHARD]] == [1, 1, 3, 1]

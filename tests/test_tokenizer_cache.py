@@ -1,4 +1,4 @@
-"""The tokenizer cache: written atomically, a broken pair is retrained by prepare.py and refused by train.py's loaders."""
+"""The tokenizer cache: written atomically; a broken pair is retrained by prepare.py, refused by train.py's loaders."""
 
 import os
 import pickle
