@@ -1,11 +1,23 @@
 """prepare.py's download under faults, against a loopback HTTP server that misbehaves on request.
 
-Each fault is checked for its outcome (fetched again, retried, or a clear
-failure), the exit code, and that no partial or corrupt file is left in the
-cache. Sleeps are kept short through AUTORESEARCH_BACKOFF_BASE and
+Cases and the outcome asserted (in every case the cache ends up holding only
+shards that verify: no .tmp, no partial or corrupt file):
+  drop mid-body, body shorter than Content-Length, 500/503, 429 with Retry-After,
+  stall past the timeout (before headers or mid-body), corrupt parquet with 200,
+  HF-style X-Linked-Size / X-Linked-Etag mismatch
+      -> retried (429 waits as long as Retry-After says); once: fetched on the
+         next attempt; always: the shard fails after 5 attempts
+  404, 403                      -> the shard fails at once, one request
+  corrupt file already cached   -> deleted and fetched again
+  prepare.py with failed shards -> one summary naming the source and the
+      override; exit 1 when the validation shard or every training shard is
+      missing, else exit 0 and tokenizer training on the shards that are there
+  not enough disk space         -> refused before any download
+  Ctrl-C -> exit 130; SIGKILL -> orphaned workers stop; a rerun completes,
+      fetching only what is missing
+Sleeps are kept short through AUTORESEARCH_BACKOFF_BASE and
 AUTORESEARCH_DOWNLOAD_TIMEOUT; the defaults are not changed.
 """
-
 import hashlib
 import os
 import signal
@@ -401,9 +413,9 @@ def test_every_training_shard_missing_is_an_error_even_with_the_validation_shard
 # prepare.py as a program (subprocess: real exit codes, pool, progress bar)
 # ---------------------------------------------------------------------------
 
-def run_prepare(cache_dir, url, num_shards, **popen):
+def run_prepare(cache_dir, url, num_shards, timeout=PROGRAM_TIMEOUT, **popen):
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DEVICE="cpu",
-               AUTORESEARCH_BACKOFF_BASE="0.01", AUTORESEARCH_DOWNLOAD_TIMEOUT=str(PROGRAM_TIMEOUT))
+               AUTORESEARCH_BACKOFF_BASE="0.01", AUTORESEARCH_DOWNLOAD_TIMEOUT=str(timeout))
     env.pop("AUTORESEARCH_DATA_URL", None)
     cmd = [sys.executable, "prepare.py", "--num-shards", str(num_shards), "--data-url", url, "--download-workers", "4"]
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
@@ -421,10 +433,16 @@ def test_program_recovers_from_each_fault_and_reports_what_failed(server, tmp_pa
         server.files[name] = shard_bytes(tmp_path, i)
         server.script(name, fault, "ok")
     server.files[prepare.VAL_FILENAME] = shard_bytes(tmp_path, 99)
+    data_dir = str(tmp_path / "cache" / "data")
+    os.makedirs(data_dir)
+    with open(os.path.join(data_dir, "shard_00006.parquet"), "wb") as f:  # a corrupt shard in the cache
+        f.write(server.files["shard_00006.parquet"][:500])
+    with open(os.path.join(data_dir, "shard_00003.parquet.12345.tmp"), "wb") as f:  # a killed run's leftover
+        f.write(b"partial")
 
     code, out, err = finish(run_prepare(tmp_path / "cache", server.url, len(faults)))
-    data_dir = str(tmp_path / "cache" / "data")
     assert code == 0, err
+    assert "shard_00006.parquet: the cached file is not a readable parquet file" in out
     # every transient fault cost exactly one more request; the 404 was not retried
     assert [server.gets(prepare.shard_filename(i)) for i in range(len(faults))] == [2, 2, 2, 2, 2, 2, 1, 1]
     assert_only_valid_shards(data_dir)
@@ -438,17 +456,20 @@ def test_program_recovers_from_each_fault_and_reports_what_failed(server, tmp_pa
 
 
 def test_program_exits_nonzero_when_the_validation_shard_and_all_training_shards_fail(server, tmp_path):
-    for i, fault in enumerate(["500", "corrupt", "drop"]):
+    faults = ["drop", "short", "500", "429", "stall_body", "corrupt"]
+    for i, fault in enumerate(faults):
         server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
         server.script(prepare.shard_filename(i), fault)
     server.files[prepare.VAL_FILENAME] = shard_bytes(tmp_path, 99)
     server.script(prepare.VAL_FILENAME, "404")
 
-    code, out, err = finish(run_prepare(tmp_path / "cache", server.url, 3))
+    # every answer is a failure, so a short timeout cannot turn a good answer into a false one
+    code, out, err = finish(run_prepare(tmp_path / "cache", server.url, len(faults), timeout=0.2))
     assert code == 1
-    assert "could not fetch 4 of 4" in err and server.url in err and "AUTORESEARCH_DATA_URL" in err
+    assert err.count("could not fetch 7 of 7") == 1 and server.url in err and "AUTORESEARCH_DATA_URL" in err
     assert "validation shard shard_06542.parquet is missing" in err and "No training shard" in err
-    assert "after 5 attempts" in err and "HTTP 404" in err
+    assert err.count("(after 5 attempts)") == len(faults) and "shard_06542.parquet: HTTP 404" in err
+    assert [server.gets(prepare.shard_filename(i)) for i in range(len(faults))] == [5] * len(faults)
     assert cache_listing(tmp_path / "cache" / "data") == []
     assert not os.path.exists(tmp_path / "cache" / "tokenizer")
 
