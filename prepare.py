@@ -622,7 +622,7 @@ class Tokenizer:
         try:
             enc, _ = load_tokenizer_files(tokenizer_dir)
         except ValueError as e:
-            raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it again.") from None
+            raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it.") from None
         return cls(enc)
 
     def get_vocab_size(self):
@@ -660,7 +660,7 @@ def get_token_bytes(device="cpu"):
     try:
         _, token_bytes = load_tokenizer_files()
     except ValueError as e:
-        raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it again.") from None
+        raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it.") from None
     return token_bytes.to(device)
 
 
