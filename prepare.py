@@ -11,18 +11,28 @@ and `evaluate_bpb` (the metric). The agent never edits this file.
 """
 
 import argparse
+import datetime
+import email.utils
+import errno
+import functools
+import hashlib
 import math
 import os
 import pickle
+import re
 import shutil
+import signal
 import sys
 import time
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 import torch
+from tqdm import tqdm
 
 # ---------------------------------------------------------------------------
 # Device (the same detection decides train.py's device and defaults)
@@ -94,6 +104,11 @@ TOKENIZER_DOC_CAP = 10_000           # each document cropped to this many charac
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_TIMEOUT = 30                # seconds without data before giving up on a request
 DOWNLOAD_CHUNK = 1 << 20             # 1 MiB
+RETRY_AFTER_MAX = 300                # longest Retry-After wait honoured, seconds (bounds a run's wait)
+DISK_CHECK_SAMPLE = 16               # shards whose size is asked for (HEAD) before downloading
+# Per-shard size when the source states none: a ClimbMix shard holds ~61M tokens
+# (400B / 6543), i.e. ~250M characters, ~100 MB as zstd parquet; rounded up.
+SHARD_BYTES_GUESS = 120 * 10**6
 
 
 def shard_filename(index):
@@ -103,10 +118,17 @@ def shard_filename(index):
 # ---------------------------------------------------------------------------
 # Data download
 # ---------------------------------------------------------------------------
+# A shard counts as present only when verify_shard() accepts it, so a partial,
+# truncated or garbled file never reaches tokenizer training or train.py.
 
 def _backoff_base():
     # Tests shorten the retry sleeps through this variable; the default is the reference's 2**attempt s.
     return float(os.environ.get("AUTORESEARCH_BACKOFF_BASE", "2"))
+
+
+def _download_timeout():
+    # Tests shorten the network timeout through this variable; the default is the reference's 30 s.
+    return float(os.environ.get("AUTORESEARCH_DOWNLOAD_TIMEOUT", str(DOWNLOAD_TIMEOUT)))
 
 
 def _source_kind(source):
@@ -119,79 +141,300 @@ def _source_kind(source):
     return "dir", os.path.abspath(os.path.expanduser(source))
 
 
+def verify_shard(path):
+    """Check that `path` is a readable parquet file with a string column `text`.
+
+    Only the footer and schema are read (a few KB), so this is cheap enough to
+    run on every cached shard at each start. It cannot see damage inside the
+    data pages; downloads are covered there by the size and sha256 checks.
+
+    Returns:
+        None when the shard is usable, else a short reason (str). Never raises
+        for a bad or missing file.
+    """
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowException, OSError) as e:
+        return f"is not a readable parquet file ({e})"
+    if "text" not in schema.names:
+        return f"has no column 'text' (columns: {', '.join(schema.names)})"
+    text_type = schema.field("text").type
+    if not (pa.types.is_string(text_type) or pa.types.is_large_string(text_type)):
+        return f"has a column 'text' of type {text_type}, not string"
+    return None
+
+
+class _FetchError(Exception):
+    """One failed attempt. retry: whether another attempt can help; wait: seconds the server asked for (Retry-After)."""
+
+    def __init__(self, message, retry=True, wait=None):
+        super().__init__(message)
+        self.retry = retry
+        self.wait = wait
+
+
+def _retry_after(response):
+    """Seconds asked for by a Retry-After header (a delay or an HTTP date), capped at RETRY_AFTER_MAX.
+
+    Returns None when the header is absent or unreadable.
+    """
+    value = response.headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+            seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
+        except (TypeError, ValueError):
+            return None
+    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+
+
+def _stated_size_and_sha256(response):
+    """What the server says the file is: (size in bytes or None, sha256 hex or None).
+
+    The Hugging Face hub answers a resolve/ URL with a redirect that carries
+    X-Linked-Size and X-Linked-Etag (the sha256 of the stored file); requests
+    follows it, so those headers sit on response.history. Content-Length counts
+    only on a final 200 whose body is not content-encoded.
+    """
+    size = sha256 = None
+    for r in [*response.history, response]:
+        if r.headers.get("X-Linked-Size", "").strip().isdigit():
+            size = int(r.headers["X-Linked-Size"])
+        etag = r.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
+        if re.fullmatch(r"[0-9a-f]{64}", etag):
+            sha256 = etag
+    length = response.headers.get("Content-Length", "").strip()
+    if size is None and response.status_code == 200 and not response.headers.get("Content-Encoding") and length.isdigit():
+        size = int(length)
+    return size, sha256
+
+
+_PARENT_PID = None  # set in pool workers, so that they stop when prepare.py itself was killed
+
+
+def _init_download_worker():
+    # Ctrl-C goes to the whole process group: let only the parent handle it (it
+    # then terminates the pool) instead of every worker printing a traceback.
+    global _PARENT_PID
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _PARENT_PID = os.getppid()
+
+
+def _check_parent_alive():
+    # A worker whose parent was SIGKILLed is orphaned: stop instead of downloading for nobody.
+    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
+        raise SystemExit(0)
+
+
 def _fetch_to(source, filename, tmp_path):
-    """Fetch one shard from `source` into tmp_path. Raises on any failure."""
+    """Fetch one shard from `source` into tmp_path and check it. Raises _FetchError on any failure."""
     kind, where = _source_kind(source)
     if kind == "dir":
         src = os.path.join(where, filename)
         if not os.path.isfile(src):
-            raise FileNotFoundError(f"{src} does not exist")
+            raise _FetchError(f"{src} does not exist", retry=False)
         shutil.copyfile(src, tmp_path)
+        problem = verify_shard(tmp_path)
+        if problem:
+            raise _FetchError(f"{src} {problem}", retry=False)
         return
-    with requests.get(f"{where}/{filename}", stream=True, timeout=DOWNLOAD_TIMEOUT) as response:
-        response.raise_for_status()
-        with open(tmp_path, "wb") as f:
-            for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
-                f.write(chunk)
+
+    try:
+        with requests.get(f"{where}/{filename}", stream=True, timeout=_download_timeout()) as response:
+            status = response.status_code
+            if status == 429 or status >= 500:
+                raise _FetchError(f"HTTP {status} {response.reason}", wait=_retry_after(response))
+            if status != 200:
+                # 404 and other 4xx (and odd 2xx/3xx) will not change by asking again
+                raise _FetchError(f"HTTP {status} {response.reason} (not retried)", retry=False)
+            size, sha256 = _stated_size_and_sha256(response)
+            digest, received = hashlib.sha256(), 0
+            with open(tmp_path, "wb") as f:
+                for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
+                    _check_parent_alive()
+                    f.write(chunk)
+                    digest.update(chunk)
+                    received += len(chunk)
+                # on disk before the rename, so that a power cut cannot leave an empty "shard"
+                f.flush()
+                os.fsync(f.fileno())
+    except requests.Timeout as e:
+        raise _FetchError(f"timed out: no data for {_download_timeout():g} s ({type(e).__name__})") from e
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError) as e:
+        raise _FetchError(f"{type(e).__name__}: {e}") from e
+    except requests.RequestException as e:
+        raise _FetchError(f"{type(e).__name__}: {e} (not retried)", retry=False) from e
+    if size is not None and received != size:
+        raise _FetchError(f"received {received} bytes, the server stated {size}")
+    if sha256 is not None and digest.hexdigest() != sha256:
+        raise _FetchError(f"sha256 {digest.hexdigest()} differs from the server's {sha256}")
+    problem = verify_shard(tmp_path)
+    if problem:
+        raise _FetchError(f"the downloaded file {problem}")
 
 
-def download_shard(index, source=None):
-    """Download shard `index` into DATA_DIR unless it is already there.
+def download_shard(index, source=None, data_dir=None):
+    """Download shard `index` into data_dir (default DATA_DIR) unless a valid copy is there.
 
-    The bytes go to `<name>.tmp` and are renamed to the final name only when
-    complete, so an interrupted download never looks like a shard. Failures are
-    retried up to DOWNLOAD_ATTEMPTS times, sleeping 2**attempt seconds between.
+    The bytes go to `<name>.<pid>.tmp`, are checked (stated size, sha256 when
+    the server gives one, parquet footer with a string column `text`) and only
+    then renamed to the final name, so an interrupted or bad download never
+    looks like a shard; the pid keeps a killed run's leftover apart from a new
+    run's file. A cached file that fails verify_shard() is deleted and fetched
+    again. Connection errors, timeouts, HTTP 5xx and 429 are retried up to
+    DOWNLOAD_ATTEMPTS times, sleeping 2**attempt s between (longer if a
+    Retry-After header asks for it); 404, other 4xx and a missing or invalid
+    file in a local source fail at once.
 
     Returns:
-        (filename, error): error is None on success, else the last error message.
+        (filename, error): error is None when the shard is in place, else the
+        last failure (str). Nothing partial is left behind on failure.
     """
     source = source or BASE_URL
     filename = shard_filename(index)
-    path = os.path.join(DATA_DIR, filename)
+    path = os.path.join(data_dir or DATA_DIR, filename)
     if os.path.exists(path):
-        return filename, None
-    tmp_path = path + ".tmp"
+        if verify_shard(path) is None:
+            return filename, None
+        os.remove(path)
+    tmp_path = f"{path}.{os.getpid()}.tmp"
     error = None
     for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
+        _check_parent_alive()
         try:
-            _fetch_to(source, filename, tmp_path)
-            os.replace(tmp_path, path)
-            return filename, None
-        except (requests.RequestException, OSError) as e:
-            error = f"{type(e).__name__}: {e}"
+            try:
+                _fetch_to(source, filename, tmp_path)
+                os.replace(tmp_path, path)
+                return filename, None
+            except OSError as e:  # local disk trouble: a full disk does not clear up by retrying
+                raise _FetchError(f"{type(e).__name__}: {e}", retry=e.errno != errno.ENOSPC) from e
+        except _FetchError as e:
+            error = str(e)
             if os.path.exists(tmp_path):
                 os.remove(tmp_path)
-            # a missing file will not appear by retrying
-            if isinstance(e, FileNotFoundError) or (isinstance(e, requests.HTTPError) and e.response is not None and e.response.status_code == 404):
+            if not e.retry:
                 break
             if attempt < DOWNLOAD_ATTEMPTS:
-                time.sleep(_backoff_base() ** attempt)
+                time.sleep(max(_backoff_base() ** attempt, e.wait or 0))
+            else:
+                error += f" (after {DOWNLOAD_ATTEMPTS} attempts)"
     return filename, error
 
 
+def _stated_size(source, filename):
+    """Bytes that `source` states for `filename` (HEAD for http), or None when it does not say or cannot be reached."""
+    kind, where = _source_kind(source)
+    if kind == "dir":
+        path = os.path.join(where, filename)
+        return os.path.getsize(path) if os.path.isfile(path) else None
+    try:
+        # the redirect's X-Linked-Size counts even if the storage behind it refuses HEAD
+        with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=_download_timeout()) as response:
+            return _stated_size_and_sha256(response)[0]
+    except requests.RequestException:
+        return None
+
+
+def _check_disk_space(indices, source, workers):
+    """Refuse (SystemExit) when the disk holding DATA_DIR cannot hold the shards still to fetch.
+
+    Sizes come from the source for up to DISK_CHECK_SAMPLE shards (HEAD
+    requests, in parallel); the others count as the mean of those, or as
+    SHARD_BYTES_GUESS when the source states no size at all.
+    """
+    sample = [shard_filename(i) for i in indices[:DISK_CHECK_SAMPLE]]
+    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sample)))) as threads:
+        sizes = [s for s in threads.map(lambda name: _stated_size(source, name), sample) if s is not None]
+    per_shard = sum(sizes) / len(sizes) if sizes else SHARD_BYTES_GUESS
+    needed = sum(sizes) + per_shard * (len(indices) - len(sizes))
+    free = shutil.disk_usage(DATA_DIR).free
+    if needed > free:
+        basis = (f"sizes stated by the source for {len(sizes)} of them" if sizes
+                 else f"about {SHARD_BYTES_GUESS / 1e6:.0f} MB each, the source stated no sizes")
+        raise SystemExit(
+            f"prepare.py: not enough disk space for {DATA_DIR}: {len(indices)} shard(s) to fetch need about "
+            f"{needed / 1e9:.2f} GB ({basis}), but only {free / 1e9:.2f} GB are free there.\n"
+            f"Free some space, ask for fewer shards with --num-shards, or set AUTORESEARCH_CACHE_DIR "
+            f"to a directory on a bigger disk."
+        )
+
+
+def _remove_partial_downloads():
+    # .tmp files are never shards; those of an interrupted or killed run are useless
+    for name in os.listdir(DATA_DIR):
+        if name.startswith("shard_") and name.endswith(".tmp"):
+            os.remove(os.path.join(DATA_DIR, name))
+
+
 def download_data(num_shards, source=None, workers=8):
-    """Fetch training shards 0..num_shards-1 and the validation shard in a process pool.
+    """Make training shards 0..num_shards-1 and the validation shard present and valid in DATA_DIR.
+
+    Steps: delete `.tmp` leftovers of interrupted runs; check the cached shards
+    (verify_shard) and delete those that fail; refuse when the disk cannot hold
+    what is missing; fetch the missing shards in a process pool (download_shard)
+    with a progress bar (tqdm, silent when stderr is not a terminal); print one
+    summary of what failed.
 
     Raises:
-        SystemExit: a shard could not be fetched; the message names the source
-        and the `--data-url` / `AUTORESEARCH_DATA_URL` override.
+        SystemExit: not enough disk space, or after the downloads the validation
+        shard or every requested training shard is missing; the message names
+        the source and the `--data-url` / `AUTORESEARCH_DATA_URL` override. When
+        only some training shards failed, the summary is printed and the
+        function returns.
     """
     source = source or BASE_URL
     os.makedirs(DATA_DIR, exist_ok=True)
     indices = list(range(num_shards)) + [VAL_SHARD]
-    print(f"Downloading {len(indices)} shards from {source} to {DATA_DIR} ({workers} workers)")
-    with Pool(processes=max(1, min(workers, len(indices)))) as pool:
-        results = pool.starmap(download_shard, [(i, source) for i in indices])
-    failed = [(name, err) for name, err in results if err is not None]
+    paths = {i: os.path.join(DATA_DIR, shard_filename(i)) for i in indices}
+    _remove_partial_downloads()
+    failed = {}
+    try:
+        with Pool(processes=max(1, min(workers, len(indices))), initializer=_init_download_worker) as pool:
+            cached = [i for i in indices if os.path.exists(paths[i])]
+            for i, problem in zip(cached, pool.map(verify_shard, [paths[i] for i in cached])):
+                if problem:
+                    print(f"{shard_filename(i)}: the cached file {problem}; deleting it and fetching it again")
+                    os.remove(paths[i])
+            missing = [i for i in indices if not os.path.exists(paths[i])]
+            print(f"{len(indices) - len(missing)}/{len(indices)} shards already in {DATA_DIR}")
+            if missing:
+                _check_disk_space(missing, source, workers)
+                print(f"Downloading {len(missing)} shards from {source} ({workers} workers)")
+                fetch = functools.partial(download_shard, source=source, data_dir=DATA_DIR)
+                bar = tqdm(pool.imap_unordered(fetch, missing), total=len(missing), desc="Downloading", unit="shard",
+                           disable=None)
+                for filename, error in bar:
+                    if error is not None:
+                        failed[filename] = error
+    except KeyboardInterrupt:
+        _remove_partial_downloads()  # the pool is terminated by now, so no worker still writes them
+        raise
+
+    ready_train = [i for i in indices[:-1] if os.path.exists(paths[i])]
     print(f"{len(indices) - len(failed)}/{len(indices)} shards ready in {DATA_DIR}")
-    if failed:
-        lines = "\n".join(f"  {name}: {err}" for name, err in failed[:10])
-        more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
-        raise SystemExit(
-            f"prepare.py: could not fetch {len(failed)} shard(s) from {source}:\n{lines}{more}\n"
-            f"If that source is unreachable, point --data-url or AUTORESEARCH_DATA_URL at a mirror "
-            f"(an http(s) URL, a file:// URL or a local directory holding the same shard names)."
-        )
+    if not failed:
+        return
+    lines = "\n".join(f"  {name}: {error}" for name, error in sorted(failed.items())[:10])
+    more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
+    summary = (
+        f"prepare.py: could not fetch {len(failed)} of {len(indices)} shard(s) from {source}:\n{lines}{more}\n"
+        f"If that source is unreachable or lacks these files, point --data-url or AUTORESEARCH_DATA_URL at a mirror "
+        f"(an http(s) URL, a file:// URL or a local directory holding the same shard names). "
+        f"Shards already fetched are kept: rerunning prepare.py fetches only the missing ones."
+    )
+    fatal = []
+    if not os.path.exists(paths[VAL_SHARD]):
+        fatal.append(f"The validation shard {VAL_FILENAME} is missing: nothing can be evaluated without it.")
+    if not ready_train:
+        fatal.append("No training shard is ready.")
+    if fatal:
+        raise SystemExit("\n".join([summary, *fatal]))
+    print(f"{summary}\nContinuing with the {len(ready_train)} training shards that are ready.", file=sys.stderr)
 
 
 def list_parquet_files():
@@ -239,13 +482,68 @@ def text_iterator(max_chars=TOKENIZER_MAX_CHARS, doc_cap=TOKENIZER_DOC_CAP):
                     return
 
 
+def load_tokenizer_files(tokenizer_dir=None):
+    """Load tokenizer.pkl and token_bytes.pt from tokenizer_dir (default TOKENIZER_DIR) and check they form a pair.
+
+    Cheap (one unpickle, one 32 KB tensor). A pair is broken when a file is
+    missing or unreadable, token_bytes.pt is not a 1-D integer tensor, the
+    tokenizer lacks the BOS token, or their vocabulary sizes differ.
+
+    Returns:
+        (enc, token_bytes): the `tiktoken.Encoding` and the int tensor on the CPU.
+    Raises:
+        ValueError: the pair is missing or broken; the message says what is wrong.
+    """
+    tokenizer_dir = tokenizer_dir or TOKENIZER_DIR
+    pkl_path = os.path.join(tokenizer_dir, "tokenizer.pkl")
+    bytes_path = os.path.join(tokenizer_dir, "token_bytes.pt")
+    exists = [os.path.exists(p) for p in (pkl_path, bytes_path)]
+    if not any(exists):
+        raise ValueError(f"no tokenizer in {tokenizer_dir}")
+    if not all(exists):
+        have, lack = (pkl_path, bytes_path) if exists[0] else (bytes_path, pkl_path)
+        raise ValueError(f"{have} exists but {lack} is missing")
+    try:
+        with open(pkl_path, "rb") as f:
+            enc = pickle.load(f)
+        vocab_size = enc.n_vocab
+    except Exception as e:  # a truncated or foreign pickle fails in many ways
+        raise ValueError(f"{pkl_path} cannot be read ({type(e).__name__}: {e})") from e
+    try:
+        token_bytes = torch.load(bytes_path, map_location="cpu")
+    except Exception as e:
+        raise ValueError(f"{bytes_path} cannot be read ({type(e).__name__}: {e})") from e
+    if not (isinstance(token_bytes, torch.Tensor) and token_bytes.dim() == 1 and not token_bytes.is_floating_point()):
+        raise ValueError(f"{bytes_path} is not a 1-D integer tensor")
+    if BOS_TOKEN not in enc.special_tokens_set:
+        raise ValueError(f"{pkl_path} has no {BOS_TOKEN} token")
+    if len(token_bytes) != vocab_size:
+        raise ValueError(f"{pkl_path} has {vocab_size} tokens but {bytes_path} has {len(token_bytes)} entries")
+    return enc, token_bytes
+
+
+def _write_atomically(path, write):
+    # write(f) fills path.tmp, which is synced and renamed over path: a crash
+    # leaves the old file or the new one, never half of one
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp_path, path)
+
+
 def train_tokenizer():
     """Train the BPE tokenizer on the training shards and write tokenizer.pkl and token_bytes.pt.
 
-    Skipped when both files exist. Byte-level BPE by rustbpe with SPLIT_PATTERN,
-    VOCAB_SIZE - 4 mergeable tokens, then the 4 special tokens; the result is a
-    pickled `tiktoken.Encoding`. token_bytes.pt holds, per token id, the UTF-8
-    byte length of the token (0 for special tokens): the metric's denominator.
+    Skipped when both files exist and load_tokenizer_files() accepts them; a
+    broken pair (one file missing, unreadable, or vocabulary sizes that differ)
+    is reported, deleted and trained again. Byte-level BPE by rustbpe with
+    SPLIT_PATTERN, VOCAB_SIZE - 4 mergeable tokens, then the 4 special tokens;
+    the result is a pickled `tiktoken.Encoding`. token_bytes.pt holds, per
+    token id, the UTF-8 byte length of the token (0 for special tokens): the
+    metric's denominator. Both files are written atomically. A progress bar
+    (tqdm, silent when stderr is not a terminal) counts the characters read.
 
     Raises:
         SystemExit: fewer than 2 shards are in the cache.
@@ -255,16 +553,29 @@ def train_tokenizer():
 
     tokenizer_pkl = os.path.join(TOKENIZER_DIR, "tokenizer.pkl")
     token_bytes_path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-    if os.path.exists(tokenizer_pkl) and os.path.exists(token_bytes_path):
+    try:
+        load_tokenizer_files()
         print(f"Tokenizer: already trained at {TOKENIZER_DIR}")
         return
+    except ValueError as e:
+        if os.path.exists(tokenizer_pkl) or os.path.exists(token_bytes_path):
+            print(f"Tokenizer: {e}; training it again")
+            # drop both now: a crash between the two writes below must not pair a new file with an old one
+            for path in (tokenizer_pkl, token_bytes_path):
+                if os.path.exists(path):
+                    os.remove(path)
     if len(list_parquet_files()) < 2:
         raise SystemExit("Tokenizer training needs at least 2 shards (one training shard and the validation shard).")
     os.makedirs(TOKENIZER_DIR, exist_ok=True)
 
     t0 = time.time()
     bpe = rustbpe.Tokenizer()
-    bpe.train_from_iterator(text_iterator(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
+    with tqdm(total=TOKENIZER_MAX_CHARS, desc="Tokenizer", unit="char", unit_scale=True, disable=None) as bar:
+        def counted_documents():
+            for doc in text_iterator():
+                bar.update(len(doc))
+                yield doc
+        bpe.train_from_iterator(counted_documents(), VOCAB_SIZE - len(SPECIAL_TOKENS), pattern=SPLIT_PATTERN)
     mergeable_ranks = {bytes(k): v for k, v in bpe.get_mergeable_ranks()}
     offset = len(mergeable_ranks)
     special_tokens = {name: offset + i for i, name in enumerate(SPECIAL_TOKENS)}
@@ -283,9 +594,8 @@ def train_tokenizer():
     sample = "Hello world! Numbers: 123, 4567. Unicode: 你好世界 ünïcödé"
     assert enc.decode(enc.encode_ordinary(sample)) == sample, "tokenizer round trip failed"
 
-    with open(tokenizer_pkl, "wb") as f:
-        pickle.dump(enc, f)
-    torch.save(token_bytes, token_bytes_path)
+    _write_atomically(token_bytes_path, lambda f: torch.save(token_bytes, f))
+    _write_atomically(tokenizer_pkl, lambda f: pickle.dump(enc, f))
     print(f"Tokenizer: saved to {TOKENIZER_DIR}")
 
 
@@ -302,12 +612,18 @@ class Tokenizer:
 
     @classmethod
     def from_directory(cls, tokenizer_dir=None):
-        """Load tokenizer.pkl (default dir: TOKENIZER_DIR). Raises SystemExit (run prepare.py) when it is missing."""
-        path = os.path.join(tokenizer_dir or TOKENIZER_DIR, "tokenizer.pkl")
-        if not os.path.exists(path):
-            raise SystemExit(f"No tokenizer at {path}: run `uv run prepare.py` first.")
-        with open(path, "rb") as f:
-            return cls(pickle.load(f))
+        """Load the trained tokenizer from tokenizer_dir (default TOKENIZER_DIR).
+
+        Raises:
+            SystemExit: tokenizer.pkl or token_bytes.pt is missing, unreadable,
+            or the two disagree (see load_tokenizer_files); the message says to
+            rerun prepare.py, which trains them again.
+        """
+        try:
+            enc, _ = load_tokenizer_files(tokenizer_dir)
+        except ValueError as e:
+            raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it.") from None
+        return cls(enc)
 
     def get_vocab_size(self):
         return self.enc.n_vocab
@@ -335,11 +651,17 @@ class Tokenizer:
 
 
 def get_token_bytes(device="cpu"):
-    """int32 tensor (vocab,): UTF-8 byte length of each token, 0 for special tokens."""
-    path = os.path.join(TOKENIZER_DIR, "token_bytes.pt")
-    if not os.path.exists(path):
-        raise SystemExit(f"No {path}: run `uv run prepare.py` first.")
-    return torch.load(path, map_location=device)
+    """int32 tensor (vocab,) on `device`: UTF-8 byte length of each token, 0 for special tokens.
+
+    Raises:
+        SystemExit: the tokenizer pair in TOKENIZER_DIR is missing or broken
+        (see load_tokenizer_files); the message says to rerun prepare.py.
+    """
+    try:
+        _, token_bytes = load_tokenizer_files()
+    except ValueError as e:
+        raise SystemExit(f"Tokenizer: {e}. Run `uv run prepare.py` to train it.") from None
+    return token_bytes.to(device)
 
 
 def _document_batches(split, tokenizer_batch_size=128):
@@ -460,7 +782,12 @@ if __name__ == "__main__":
     if not 1 <= num_shards <= MAX_SHARD:
         parser.error(f"--num-shards must be -1 or between 1 and {MAX_SHARD}")
     print(f"Cache directory: {CACHE_DIR}")
-    download_data(num_shards, source=args.data_url, workers=args.download_workers)
-    train_tokenizer()
+    try:
+        download_data(num_shards, source=args.data_url, workers=args.download_workers)
+        train_tokenizer()
+    except KeyboardInterrupt:
+        # nothing half-written counts as a shard or a tokenizer, so a rerun simply continues
+        print("\nInterrupted: rerun prepare.py to continue; verified shards are kept.", file=sys.stderr)
+        sys.exit(130)
     print("Done: run `uv run train.py`.")
     sys.exit(0)
