@@ -381,11 +381,10 @@ def download_data(num_shards, source=None, workers=8):
     summary of what failed.
 
     Raises:
-        SystemExit: not enough disk space, or after the downloads the validation
-        shard or every requested training shard is missing; the message names
-        the source and the `--data-url` / `AUTORESEARCH_DATA_URL` override. When
-        only some training shards failed, the summary is printed and the
-        function returns.
+        SystemExit: not enough disk space, or a requested shard could not be
+        fetched; the message names the source and the `--data-url` /
+        `AUTORESEARCH_DATA_URL` override. The tokenizer is then not trained (on
+        a subset it would differ), and a rerun fetches only what is missing.
     """
     source = source or BASE_URL
     os.makedirs(DATA_DIR, exist_ok=True)
@@ -432,9 +431,7 @@ def download_data(num_shards, source=None, workers=8):
         fatal.append(f"The validation shard {VAL_FILENAME} is missing: nothing can be evaluated without it.")
     if not ready_train:
         fatal.append("No training shard is ready.")
-    if fatal:
-        raise SystemExit("\n".join([summary, *fatal]))
-    print(f"{summary}\nContinuing with the {len(ready_train)} training shards that are ready.", file=sys.stderr)
+    raise SystemExit("\n".join([summary, *fatal]))
 
 
 def list_parquet_files():
