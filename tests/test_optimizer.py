@@ -4,8 +4,6 @@ The references below are written from the SPEC text, one matrix at a time. On th
 CPU, train.py orthogonalises in float32 (COMPUTE_DTYPE), so the references do too.
 """
 
-import math
-
 import pytest
 import torch
 
