@@ -6,6 +6,8 @@ FlexAttention runs eagerly on CPU (exact, unfused); its compiled CUDA kernel and
 are checked in test_attention_gpu.py.
 """
 
+import functools
+import importlib.util
 import math
 import os
 import subprocess
@@ -16,6 +18,7 @@ import torch
 
 import train
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 CPU_BACKENDS = ["sdpa", "flex"]
@@ -27,7 +30,7 @@ def naive_attention(q, k, v, window):
     groups = q.size(1) // k.size(1)
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     T = q.size(2)
-    ones = torch.ones(T, T, dtype=torch.bool)
+    ones = torch.ones(T, T, dtype=torch.bool, device=q.device)
     allowed = torch.tril(ones) & ~torch.tril(ones, diagonal=-(window + 1))  # j <= i and not j < i - window
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
     scores = scores.masked_fill(~allowed, float("-inf"))
@@ -65,19 +68,25 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("B,T,H,H_kv,D,window", CASES)
-def test_forward_and_gradients_match_naive(backend, B, T, H, H_kv, D, window):
+@functools.cache
+def reference(B, T, H, H_kv, D, window):
+    """Inputs, an output gradient, and the naive output and input gradients for one case (shared by the backends)."""
     gen = torch.Generator().manual_seed(T * 1000 + window)
     q = torch.randn(B, T, H, D, generator=gen, requires_grad=True)
     k, v = (torch.randn(B, T, H_kv, D, generator=gen, requires_grad=True) for _ in range(2))
-    y = train.attention(q, k, v, window)
+    dy = torch.randn(B, T, H, D, generator=gen)
     y_ref = naive_attention(q, k, v, window)
+    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy.double())
+    return (q, k, v), dy, y_ref.detach(), grads_ref
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-H{}-Hkv{}-D{}-w{}".format(*c))
+def test_forward_and_gradients_match_naive(backend, case):
+    (q, k, v), dy, y_ref, grads_ref = reference(*case)
+    y = train.attention(q, k, v, case[-1])
     assert y.shape == q.shape and y.dtype == q.dtype
     assert rel_err(y, y_ref) < 1e-5
-
-    dy = torch.randn(y.shape, generator=gen)
     grads = torch.autograd.grad(y, (q, k, v), dy)
-    grads_ref = torch.autograd.grad(y_ref, (q, k, v), dy.double())
     for name, g, g_ref in zip("qkv", grads, grads_ref):
         assert rel_err(g, g_ref) < 1e-4, f"d{name}"
 
@@ -106,9 +115,10 @@ def test_masks_built_once(backend):
         assert train._attention_masks[("sdpa", 96, 96, "cpu")] is None  # full window: plain causal kernel
 
 
-def tiny_model():
-    config = train.GPTConfig(sequence_len=64, vocab_size=97, n_layer=3, n_head=2, n_kv_head=2, n_embd=64,
-                             window_pattern="SL")
+def tiny_model(seq_len=64, n_embd=64, n_head=2):
+    """A 3-layer GPT with windows [seq_len // 2, seq_len, seq_len] and a batch of 2 x (seq_len + 1) token ids."""
+    config = train.GPTConfig(sequence_len=seq_len, vocab_size=97, n_layer=3, n_head=n_head, n_kv_head=n_head,
+                             n_embd=n_embd, window_pattern="SL")
     torch.manual_seed(0)
     model = train.GPT(config)
     model.init_weights()
@@ -116,7 +126,7 @@ def tiny_model():
         for block in model.transformer.h:
             torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
             torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.1)
-    idx = torch.randint(0, 97, (2, 64), generator=torch.Generator().manual_seed(1))
+    idx = torch.randint(0, 97, (2, seq_len + 1), generator=torch.Generator().manual_seed(1))
     return model, idx
 
 
@@ -141,7 +151,7 @@ def test_model_matches_naive_attention(backend, monkeypatch):
 def test_compiled_model_reads_cached_masks_without_graph_break(backend):
     """With the masks built first, the compiled forward and backward trace as one graph (fullgraph=True)."""
     model, idx = tiny_model()
-    train.build_attention_masks(63, model.window_sizes, "cpu")
+    train.build_attention_masks(64, model.window_sizes, "cpu")
     loss_ref, _ = loss_and_grads(model, idx)
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
     loss, _ = loss_and_grads(compiled, idx)
@@ -172,7 +182,17 @@ def test_import_on_cpu_is_offline_and_skips_fa3():
             "import train\n"
             "print(train.ATTENTION_BACKEND, train.fa3)\n")
     env = dict(os.environ, AUTORESEARCH_DEVICE="cpu", AUTORESEARCH_ATTENTION="")
-    out = subprocess.run([sys.executable, "-c", code], cwd=train.__file__.rsplit(os.sep, 1)[0], env=env,
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["sdpa", "None"]
+
+
+@pytest.mark.parametrize("T,window", [(1, 0), (7, 0), (7, 3), (7, 6), (7, 50), (2048, 1024)])
+def test_bench_counts_attended_pairs(T, window):
+    """bench/attention.py's FLOP count uses the exact number of (query, key) pairs the mask allows."""
+    spec = importlib.util.spec_from_file_location("bench_attention", os.path.join(ROOT, "bench", "attention.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    ones = torch.ones(T, T, dtype=torch.bool)
+    assert bench.attended_pairs(T, window) == (torch.tril(ones) & ~torch.tril(ones, diagonal=-(window + 1))).sum()
