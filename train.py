@@ -10,6 +10,7 @@ smaller profile (see "Hyperparameters").
 """
 
 import gc
+import importlib.util
 import math
 import os
 import resource
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from prepare import DEVICE_REASON, DEVICE_TYPE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
 
@@ -71,48 +73,97 @@ def peak_memory_mb():
 
 
 def load_fa3():
-    """Flash Attention 3 from the Hugging Face kernel hub, or None (with the reason printed)."""
+    """Flash Attention 3 from the Hugging Face kernel hub, as the reference loads it (CUDA only).
+
+    Returns (module, reason): module has flash_attn_func, or is None if it could not be loaded
+    (no `kernels` package, no network, no build for this GPU or torch); reason says which, on one line.
+    """
     repo = "varunneal/flash-attention-3" if torch.cuda.get_device_capability() == (9, 0) else "kernels-community/flash-attn3"
     try:
         from kernels import get_kernel
-        return get_kernel(repo).flash_attn_interface
-    except Exception as e:  # no network, no build for this GPU or torch, ...
-        print(f"WARNING: could not load Flash Attention 3 from {repo} ({type(e).__name__}: {e}); "
-              f"falling back to PyTorch SDPA with the same window semantics (slower)")
-        return None
+        return get_kernel(repo).flash_attn_interface, f"Flash Attention 3 from {repo}"
+    except Exception as e:
+        return None, " ".join(f"no Flash Attention 3 from {repo} ({type(e).__name__}: {e})".split())
 
 
-_sdpa_masks = {}
+def select_attention_backend():
+    """Choose the attention backend once, at import.
 
-
-def sdpa_attention(q, k, v, window):
-    """Causal attention where query i sees keys j with i - window <= j <= i (FA3's window_size=(window, 0)).
-
-    q, k, v: (B, T, H, D). Returns (B, T, H, D).
+    AUTORESEARCH_ATTENTION=fa3|flex|sdpa forces one. Otherwise CUDA takes the first that can run of FA3,
+    FlexAttention (a Triton kernel, so it needs Triton) and SDPA; CPU and MPS take SDPA.
+    Returns (backend, reason, fa3 module or None). Raises SystemExit if the forced backend is unknown or cannot run.
     """
-    T = q.size(1)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    if window >= T - 1:  # the window covers the whole causal context
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    else:
-        key = (T, window, q.device)
-        if key not in _sdpa_masks:
-            i = torch.arange(T, device=q.device)
-            dist = i[:, None] - i[None, :]
-            _sdpa_masks[key] = (dist >= 0) & (dist <= window)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_masks[key])
-    return y.transpose(1, 2)
+    forced = os.environ.get("AUTORESEARCH_ATTENTION", "").strip().lower()
+    if forced not in ("", "fa3", "flex", "sdpa"):
+        raise SystemExit(f"AUTORESEARCH_ATTENTION={forced!r}: expected fa3, flex or sdpa")
+    if forced == "fa3" and not ON_CUDA:
+        raise SystemExit(f"AUTORESEARCH_ATTENTION=fa3: Flash Attention 3 needs CUDA, this run is on {DEVICE_TYPE}")
+    has_flex = not ON_CUDA or importlib.util.find_spec("triton") is not None
+    if forced == "flex" and not has_flex:
+        raise SystemExit("AUTORESEARCH_ATTENTION=flex: FlexAttention on CUDA needs Triton, which is not installed")
+    if forced in ("flex", "sdpa") or not ON_CUDA:
+        return forced or "sdpa", "forced by AUTORESEARCH_ATTENTION" if forced else f"default on {DEVICE_TYPE}", None
+    fa3, reason = load_fa3()
+    if fa3 is not None:
+        return "fa3", reason + ("; forced by AUTORESEARCH_ATTENTION" if forced else ""), fa3
+    if forced:
+        raise SystemExit(f"AUTORESEARCH_ATTENTION=fa3: {reason}")
+    if has_flex:
+        return "flex", f"{reason}; FlexAttention with a sliding-window block mask instead", None
+    return "sdpa", f"{reason}; no Triton for FlexAttention; SDPA with a boolean mask instead", None
 
 
-fa3 = load_fa3() if ON_CUDA else None
-ATTENTION_BACKEND = "fa3" if fa3 is not None else "sdpa"
+ATTENTION_BACKEND, ATTENTION_REASON, fa3 = select_attention_backend()
+# FlexAttention is fast only when compiled into one fused kernel. On CPU, torch 2.9 cannot compile its
+# backward, so CPU tensors run it eagerly: exact, but it materialises the (T, T) scores.
+compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else None
+_attention_masks = {}
+
+
+def attention_mask(T, window, device_type):
+    """The current backend's mask for sequence length T and this window, built once and cached.
+
+    Returns a FlexAttention BlockMask, an SDPA boolean (T, T) mask (True = attend), or None (plain causal).
+    Build the masks before compiling the model (build_attention_masks): torch.compile reads a cached one as a
+    constant, but cannot trace create_block_mask (a graph break per layer) and would trace the SDPA mask into
+    the graph and then recompile.
+    """
+    key = (ATTENTION_BACKEND, T, window, device_type)
+    if key not in _attention_masks:
+        if ATTENTION_BACKEND == "flex":
+            mask_mod = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window)  # noqa: E731
+            _attention_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=device_type)
+        elif window < T - 1:
+            dist = torch.arange(T, device=device_type)[:, None] - torch.arange(T, device=device_type)[None, :]
+            _attention_masks[key] = (dist >= 0) & (dist <= window)
+        else:  # the window covers the whole causal context
+            _attention_masks[key] = None
+    return _attention_masks[key]
+
+
+def build_attention_masks(T, windows, device_type):
+    """Build and cache the masks for sequence length T and each window (none needed for FA3)."""
+    if ATTENTION_BACKEND != "fa3":
+        for window in set(windows):
+            attention_mask(T, window, device_type)
 
 
 def attention(q, k, v, window):
-    """Causal sliding-window attention on (B, T, H, D) tensors; see sdpa_attention for the window."""
-    if fa3 is not None:
+    """Causal attention where query i attends to keys j with i - window <= j <= i (FA3's window_size=(window, 0)).
+
+    q: (B, T, H, D); k, v: (B, T, H_kv, D) with H a multiple of H_kv; all of one dtype. Returns (B, T, H, D).
+    Every backend computes this same function (tests/test_attention.py).
+    """
+    if ATTENTION_BACKEND == "fa3":
         return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-    return sdpa_attention(q, k, v, window)
+    mask = attention_mask(q.size(1), window, q.device.type)
+    gqa = k.size(2) != q.size(2)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+    if ATTENTION_BACKEND == "flex":
+        y = (compiled_flex if q.is_cuda else flex_attention)(q, k, v, block_mask=mask, enable_gqa=gqa)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
+    return y.transpose(1, 2)
 
 
 # ---------------------------------------------------------------------------
@@ -512,7 +563,8 @@ def main():
     device = torch.device(DEVICE_TYPE)
     autocast_ctx = torch.amp.autocast(device_type=DEVICE_TYPE, dtype=torch.bfloat16, enabled=ON_CUDA)
     peak_flops = get_peak_flops()
-    print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); attention: {ATTENTION_BACKEND}; compile: {USE_COMPILE}")
+    print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); compile: {USE_COMPILE}")
+    print(f"attention: {ATTENTION_BACKEND} ({ATTENTION_REASON})")
 
     tokenizer = Tokenizer.from_directory()
     vocab_size = tokenizer.get_vocab_size()
@@ -533,6 +585,7 @@ def main():
 
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
                                       matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS)
+    build_attention_masks(MAX_SEQ_LEN, model.window_sizes, DEVICE_TYPE)  # before compiling: see attention_mask
     if USE_COMPILE:
         model = torch.compile(model, dynamic=False)
 
