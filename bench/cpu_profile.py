@@ -24,12 +24,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CANDIDATES = {
     "base": {},
     "b8k": {"TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},
-    "b32k": {"TOTAL_BATCH_SIZE": 2**15, "DEVICE_BATCH_SIZE": 32},
-    "d2": {"DEPTH": 2, "ASPECT_RATIO": 64},
-    "d6": {"DEPTH": 6, "ASPECT_RATIO": 32, "HEAD_DIM": 64},
-    "d256": {"DEPTH": 4, "ASPECT_RATIO": 64, "HEAD_DIM": 64},
-    "t512": {"MAX_SEQ_LEN": 512, "DEVICE_BATCH_SIZE": 16},
-    "compile": {"COMPILE": True},
+    "b4k": {"TOTAL_BATCH_SIZE": 2**12, "DEVICE_BATCH_SIZE": 16},
+    "d2": {"DEPTH": 2, "ASPECT_RATIO": 64, "TOTAL_BATCH_SIZE": 2**13},
+    "d6": {"DEPTH": 6, "ASPECT_RATIO": 32, "TOTAL_BATCH_SIZE": 2**13},
+    "d256": {"DEPTH": 4, "ASPECT_RATIO": 64, "TOTAL_BATCH_SIZE": 2**13},
+    "t512": {"MAX_SEQ_LEN": 512, "DEVICE_BATCH_SIZE": 16, "TOTAL_BATCH_SIZE": 2**13},
+    "compile": {"COMPILE": True, "TOTAL_BATCH_SIZE": 2**13},
 }
 
 PREPARE_KEYS = {"MAX_SEQ_LEN", "EVAL_TOKENS", "TIME_BUDGET"}
