@@ -369,10 +369,10 @@ def _document_batches(split, tokenizer_batch_size=128):
 
 def _token_batches(tokenizer, split):
     """Yield (list of token-id lists, epoch): each document batch encoded in one
-    threaded tiktoken call, with BOS in front of every document."""
-    bos = tokenizer.get_bos_token_id()
+    threaded tiktoken call. BOS is not prepended here: the packer writes it,
+    which saves copying every list just to put one token in front."""
     for texts, epoch in _document_batches(split):
-        yield tokenizer.encode(texts, prepend=bos), epoch
+        yield tokenizer.encode(texts), epoch
 
 
 def _prefetched(items, depth):
@@ -416,17 +416,18 @@ def _prefetched(items, depth):
         stop.set()
 
 
-def _pack_rows(token_batches, B, T, buffer_size):
+def _pack_rows(token_batches, bos, B, T, buffer_size):
     """Best-fit packing of tokenized documents into rows of exactly T+1 tokens.
 
-    token_batches: iterator of (list of documents, epoch); a document is a
-    non-empty sequence of token ids (in practice a list starting with BOS).
-    Before each placement the buffer is topped up to `buffer_size` documents by
-    fetching whole batches. Then, for the remaining space r of the current row:
-    the longest buffered document of length <= r (earliest-arrived among equal
-    lengths); if none fits, the shortest (earliest-arrived among equals),
-    cropped to r, its rest dropped. Removing documents from the middle keeps the
-    others in arrival order, so "earliest in the buffer" = earliest arrived.
+    token_batches: iterator of (list of token-id lists, epoch); each list is a
+    document without its BOS, so the packed document is [bos] + ids, of length
+    len(ids) + 1. Before each placement the buffer is topped up to
+    `buffer_size` documents by fetching whole batches. Then, for the remaining
+    space r of the current row: the longest buffered document of length <= r
+    (earliest-arrived among equal lengths); if none fits, the shortest
+    (earliest-arrived among equals), cropped to r, its rest dropped. Removing
+    documents from the middle keeps the others in arrival order, so "earliest
+    in the buffer" is "earliest arrived".
 
     The buffer is a dict length -> deque of documents (FIFO = arrival order)
     plus the sorted list of distinct lengths, so a choice is one bisect instead
@@ -434,31 +435,28 @@ def _pack_rows(token_batches, B, T, buffer_size):
     ints and converted to int64 once per batch.
 
     Yields:
-        (rows, epoch) forever: rows is a numpy int64 array (B, T+1), reused and
-        overwritten by the next batch; epoch is the epoch of the most recently
-        fetched document batch.
+        (rows, epoch) forever: rows a new numpy int64 array (B, T+1); epoch the
+        epoch of the most recently fetched document batch.
     Raises:
         ValueError: B, T or buffer_size is below 1.
-        StopIteration (as RuntimeError inside a generator): token_batches ran out.
+        RuntimeError (from StopIteration): token_batches ran out.
     """
     if B < 1 or T < 1 or buffer_size < 1:
         raise ValueError(f"need B, T, buffer_size >= 1, got {B}, {T}, {buffer_size}")
     capacity = T + 1
-    buckets = {}      # length -> deque of documents of that length, in arrival order
-    lengths = []      # sorted distinct lengths that have a non-empty bucket
+    buckets = {}      # packed length -> deque of documents of that length, in arrival order
+    lengths = []      # sorted distinct packed lengths that have a non-empty bucket
     buffered = 0
     epoch = None
-    rows = np.empty((B, capacity), dtype=np.int64)
-    flat_rows = rows.reshape(-1)
     while True:
         flat = []
         for _ in range(B):
             remaining = capacity
-            while remaining:
+            while remaining > 0:
                 while buffered < buffer_size:
                     docs, epoch = next(token_batches)
                     for doc in docs:
-                        n = len(doc)
+                        n = len(doc) + 1
                         bucket = buckets.get(n)
                         if bucket is None:
                             bucket = buckets[n] = deque()
@@ -474,14 +472,15 @@ def _pack_rows(token_batches, B, T, buffer_size):
                     del buckets[n]
                     del lengths[i]
                 buffered -= 1
+                flat.append(bos)
                 if n <= remaining:
                     flat.extend(doc)
                     remaining -= n
                 else:
-                    flat.extend(doc[:remaining])
+                    flat.extend(doc[:remaining - 1])
                     remaining = 0
-        flat_rows[:] = flat
-        yield rows, epoch
+        # fromiter converts Python ints about twice as fast as np.array or slice assignment
+        yield np.fromiter(flat, dtype=np.int64, count=B * capacity).reshape(B, capacity), epoch
 
 
 def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
@@ -510,7 +509,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
     assert split in ("train", "val"), split
     # about one buffer of tokenized documents ready ahead (1000 docs / 128 per batch)
     token_batches = _prefetched(_token_batches(tokenizer, split), depth=8)
-    rows = _pack_rows(token_batches, B, T, buffer_size)
+    rows = _pack_rows(token_batches, tokenizer.get_bos_token_id(), B, T, buffer_size)
 
     use_cuda = DEVICE_TYPE == "cuda"
     cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=use_cuda)
