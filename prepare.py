@@ -14,10 +14,8 @@ import argparse
 import math
 import os
 import pickle
-import queue
 import shutil
 import sys
-import threading
 import time
 import urllib.parse
 from bisect import bisect_right, insort
@@ -375,47 +373,6 @@ def _token_batches(tokenizer, split):
         yield tokenizer.encode(texts), epoch
 
 
-def _prefetched(items, depth):
-    """Yield the items of `items` in order while a background thread computes up to
-    `depth` of them ahead.
-
-    Used to read and tokenize the next document batches while the caller packs
-    rows (and trains): tiktoken releases the GIL, so the two overlap. An
-    exception raised by `items` (SystemExit for missing shards included) is
-    re-raised here, at the item where it happened. Closing this generator (or
-    dropping it) stops the thread within a fraction of a second.
-    """
-    ready = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(entry):
-        while not stop.is_set():
-            try:
-                ready.put(entry, timeout=0.1)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def produce():
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-        except BaseException as e:  # handed to the consumer, which raises it
-            put((False, e))
-
-    threading.Thread(target=produce, name="dataloader-prefetch", daemon=True).start()
-    try:
-        while True:
-            ok, item = ready.get()
-            if not ok:
-                raise item
-            yield item
-    finally:
-        stop.set()
-
-
 def _pack_rows(token_batches, bos, B, T, buffer_size):
     """Best-fit packing of tokenized documents into rows of exactly T+1 tokens.
 
@@ -507,9 +464,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
         SystemExit: the split has no shards (run prepare.py).
     """
     assert split in ("train", "val"), split
-    # about one buffer of tokenized documents ready ahead (1000 docs / 128 per batch)
-    token_batches = _prefetched(_token_batches(tokenizer, split), depth=8)
-    rows = _pack_rows(token_batches, tokenizer.get_bos_token_id(), B, T, buffer_size)
+    rows = _pack_rows(_token_batches(tokenizer, split), tokenizer.get_bos_token_id(), B, T, buffer_size)
 
     use_cuda = DEVICE_TYPE == "cuda"
     cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=use_cuda)

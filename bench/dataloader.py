@@ -70,29 +70,21 @@ def run_config(tokenizer, B, T, n, repeat):
     paths = prepare.split_paths("train")
     bos = tokenizer.get_bos_token_id()
 
-    # the document batches our loader consumes for n batches (the naive one consumes the same):
-    # all that its reader produced, less what the prefetch thread read ahead and the packer never took
-    fetched, consumed = [], [0]
-    real_document_batches, real_prefetched = prepare._document_batches, prepare._prefetched
+    # the document batches our loader fetches for n batches (the naive one fetches the same)
+    fetched = []
+    real_document_batches = prepare._document_batches
 
     def recording(split, *args, **kwargs):
         for texts, epoch in real_document_batches(split, *args, **kwargs):
             fetched.append((texts, epoch))
             yield texts, epoch
 
-    def counting(items, depth):
-        for item in real_prefetched(items, depth):
-            consumed[0] += 1
-            yield item
-
-    prepare._document_batches, prepare._prefetched = recording, counting
+    prepare._document_batches = recording
     try:
-        loader = prepare.make_dataloader(tokenizer, B, T, "train")
-        reference = next(itertools.islice(loader, n - 1, None))[0].clone()
-        batches = fetched[:consumed[0]]
-        del loader
+        reference = next(itertools.islice(prepare.make_dataloader(tokenizer, B, T, "train"), n - 1, None))[0].clone()
     finally:
-        prepare._document_batches, prepare._prefetched = real_document_batches, real_prefetched
+        prepare._document_batches = real_document_batches
+    batches = fetched
     texts = [t for t, _ in batches]
     # token ids as each packer takes them (ours without BOS, it writes BOS itself); neither mutates them
     cached = [(tokenizer.encode(t), e) for t, e in batches]

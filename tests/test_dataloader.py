@@ -1,10 +1,7 @@
 """make_dataloader against a naive implementation of SPEC.md's algorithm (tests/naive_dataloader.py)."""
 
-import gc
 import itertools
 import os
-import threading
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -27,16 +24,6 @@ def data_paths(split):
 def take(loader, n):
     """n batches as (inputs, targets, epoch) with the tensors cloned (the loader reuses its buffers)."""
     return [(x.clone(), y.clone(), e) for x, y, e in itertools.islice(loader, n)]
-
-
-def wait_for_prefetch_threads(timeout=10.0):
-    """Join the background readers of loaders that were dropped; False if one is still alive."""
-    gc.collect()
-    deadline = time.monotonic() + timeout
-    for t in threading.enumerate():
-        if t.name == "dataloader-prefetch":
-            t.join(max(0.0, deadline - time.monotonic()))
-    return not any(t.name == "dataloader-prefetch" for t in threading.enumerate())
 
 
 def assert_same_batches(ours, ref):
@@ -94,21 +81,12 @@ def test_bad_arguments(tokenizer):
 
 
 def test_missing_val_shard_raises_in_caller(tokenizer, tmp_path, monkeypatch):
-    # the shards are read in a background thread; its errors must still reach the caller
     monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "data"))
     os.makedirs(prepare.DATA_DIR)
     write_shard(os.path.join(prepare.DATA_DIR, prepare.shard_filename(0)), ["only training text"] * 3)
     with pytest.raises(SystemExit, match="validation shard"):
         next(prepare.make_dataloader(tokenizer, 2, 32, "val"))
     next(prepare.make_dataloader(tokenizer, 2, 32, "train"))
-
-
-def test_dropped_loader_stops_its_reader(tokenizer):
-    loader = prepare.make_dataloader(tokenizer, 2, 32, "train")
-    next(loader)
-    assert any(t.name == "dataloader-prefetch" for t in threading.enumerate())
-    del loader
-    assert wait_for_prefetch_threads(), "the prefetch thread outlived its loader"
 
 
 # ---------------------------------------------------------------------------
@@ -178,8 +156,6 @@ def test_val_split_isolation(tokenizer, tmp_path, monkeypatch, opened_files):
     assert opened_files and val_path not in opened_files
     assert all("zebra" not in tokenizer.decode(x[r].tolist()) for x, _, _ in train for r in range(4))
 
-    assert wait_for_prefetch_threads()  # the train loader's reader may read ahead until it stops
-    assert val_path not in opened_files
     opened_files.clear()
     val = take(prepare.make_dataloader(tokenizer, 4, 64, "val", buffer_size=20), 20)
     assert set(opened_files) == {val_path}
