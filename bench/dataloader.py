@@ -148,7 +148,9 @@ def main():
         prepare.train_tokenizer()
         tokenizer = prepare.Tokenizer.from_directory()
 
-        print(f"\ncorpus: {corpus}; {os.cpu_count()} CPUs; tokens/s in millions (B*T per batch)")
+        load = os.getloadavg()[0]
+        print(f"\ncorpus: {corpus}; {os.cpu_count()} CPUs, load average {load:.1f} at start; "
+              f"tokens/s in millions (B*T per batch)")
         header = (f"{'B':>4} {'T':>5} {'batches':>7} {'docs':>6} | {'e2e ours':>8} {'e2e naive':>9} {'ratio':>6} | "
                   f"{'bound':>6} {'ours/bd':>7} {'naive/bd':>8} | {'pack ours':>9} {'pack naive':>10} {'ratio':>6} | same")
         print(header)
@@ -160,6 +162,7 @@ def main():
                   f"{r['e2e_ours'] / r['e2e_naive']:>5.2f}x | {r['bound'] / M:>6.2f} {r['e2e_ours'] / r['bound']:>6.2f}x "
                   f"{r['e2e_naive'] / r['bound']:>7.2f}x | {r['pack_ours'] / M:>9.2f} {r['pack_naive'] / M:>10.2f} "
                   f"{r['pack_ours'] / r['pack_naive']:>5.2f}x | {'yes' if r['identical'] else 'NO'}", flush=True)
+        print(f"load average {os.getloadavg()[0]:.1f} at end (timings are the best of {args.repeat} interleaved rounds)")
 
 
 if __name__ == "__main__":
