@@ -84,7 +84,7 @@ if DEVICE_TYPE == "cuda":
     EVAL_TOKENS = 40 * 524288       # validation tokens for evaluate_bpb
 else:
     MAX_SEQ_LEN = 256
-    EVAL_TOKENS = 4 * 65536
+    EVAL_TOKENS = 2 * 65536
 TIME_BUDGET = 300                   # training time budget, seconds
 VOCAB_SIZE = 8192
 

@@ -23,13 +23,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # name -> overrides of train.py / prepare.py constants (the defaults are the current CPU profile)
 CANDIDATES = {
     "base": {},
-    "b8k": {"TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},
-    "b4k": {"TOTAL_BATCH_SIZE": 2**12, "DEVICE_BATCH_SIZE": 16},
-    "d2": {"DEPTH": 2, "ASPECT_RATIO": 64, "TOTAL_BATCH_SIZE": 2**13},
-    "d6": {"DEPTH": 6, "ASPECT_RATIO": 32, "TOTAL_BATCH_SIZE": 2**13},
-    "d256": {"DEPTH": 4, "ASPECT_RATIO": 64, "TOTAL_BATCH_SIZE": 2**13},
-    "t512": {"MAX_SEQ_LEN": 512, "DEVICE_BATCH_SIZE": 16, "TOTAL_BATCH_SIZE": 2**13},
-    "compile": {"COMPILE": True, "TOTAL_BATCH_SIZE": 2**13},
+    "b16k": {"TOTAL_BATCH_SIZE": 2**14, "DEVICE_BATCH_SIZE": 32},
+    "b2k": {"TOTAL_BATCH_SIZE": 2**11, "DEVICE_BATCH_SIZE": 8},
+    "d2": {"DEPTH": 2, "ASPECT_RATIO": 64},
+    "d256": {"DEPTH": 4, "ASPECT_RATIO": 64},
+    "d2w256": {"DEPTH": 2, "ASPECT_RATIO": 128},
+    "t512": {"MAX_SEQ_LEN": 512, "DEVICE_BATCH_SIZE": 8},
+    "compile": {"COMPILE": True},
 }
 
 PREPARE_KEYS = {"MAX_SEQ_LEN", "EVAL_TOKENS", "TIME_BUDGET"}
