@@ -72,7 +72,7 @@ def test_train_nan_loss_prints_fail_and_exits_1(e2e):
 def test_train_without_cache_says_run_prepare(tmp_path):
     result = run_train(tmp_path / "empty")
     assert result.returncode != 0
-    assert "run `uv run prepare.py` first" in result.stderr
+    assert "uv run prepare.py" in result.stderr
     assert "Traceback" not in result.stderr
 
 
