@@ -19,10 +19,12 @@ import hashlib
 import math
 import os
 import pickle
+import queue
 import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import urllib.parse
 from bisect import bisect_right, insort
@@ -692,6 +694,55 @@ def _token_batches(tokenizer, split):
         yield tokenizer.encode(texts), epoch
 
 
+def _prefetch(items, depth=2):
+    """Yield the items of the iterator `items`, computed up to `depth` ahead in a
+    background thread.
+
+    Reading parquet and tiktoken's encode release the GIL, so the next document
+    batches are read and tokenized while this thread packs rows (or, on a GPU
+    host, launches the training step). Order is unchanged, so the batches are
+    the same as without it. An exception raised by `items` (for example
+    SystemExit when the split has no shards) is raised here, at the point
+    where its item would have been. Closing this generator (or dropping it)
+    stops the thread and waits for it: it finishes at most the item in hand.
+    """
+    ready = queue.Queue(maxsize=depth)
+    closed = threading.Event()
+
+    def put(entry):
+        while not closed.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                break
+            except queue.Full:
+                pass
+        return not closed.is_set()
+
+    def work():
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((None, StopIteration))
+        except BaseException as e:
+            put((None, e))
+
+    worker = threading.Thread(target=work, daemon=True, name="dataloader-prefetch")
+    worker.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is StopIteration:
+                return
+            if error is not None:
+                raise error
+            yield item
+    finally:
+        closed.set()
+        if not sys.is_finalizing():  # at interpreter exit daemon threads are frozen: never join them
+            worker.join()
+
+
 def _pack_rows(token_batches, bos, B, T, buffer_size):
     """Best-fit packing of tokenized documents into rows of exactly T+1 tokens.
 
@@ -764,8 +815,8 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 
     Documents of `split` ("train": every shard but the validation shard, cycled
     forever; "val": the validation shard only) are tokenized 128 at a time with
-    BOS in front, and every row is filled left to right from a buffer of
-    `buffer_size` documents: take the longest document that fits the remaining
+    BOS in front (in a background thread, two batches ahead), and every row is
+    filled left to right from a buffer of `buffer_size` documents: take the longest document that fits the remaining
     space (earliest among equals); if none fits, take the shortest (earliest
     among equals), crop it to the remaining space and drop its rest. Rows start
     with BOS and have no padding. This is SPEC.md's algorithm, batch for batch;
@@ -783,7 +834,8 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
         SystemExit: the split has no shards (run prepare.py).
     """
     assert split in ("train", "val"), split
-    rows = _pack_rows(_token_batches(tokenizer, split), tokenizer.get_bos_token_id(), B, T, buffer_size)
+    token_batches = _prefetch(_token_batches(tokenizer, split))
+    rows = _pack_rows(token_batches, tokenizer.get_bos_token_id(), B, T, buffer_size)
 
     use_cuda = DEVICE_TYPE == "cuda"
     cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=use_cuda)

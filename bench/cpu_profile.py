@@ -14,6 +14,7 @@ with the same MAX_SEQ_LEN (the metric is computed on sequences of that length).
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -22,12 +23,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> overrides of train.py / prepare.py constants (the defaults are the current CPU profile)
 CANDIDATES = {
-    "base": {},
-    "b16k": {"TOTAL_BATCH_SIZE": 2**14, "DEVICE_BATCH_SIZE": 32},
-    "b2k": {"TOTAL_BATCH_SIZE": 2**11, "DEVICE_BATCH_SIZE": 8},
-    "d2": {"DEPTH": 2, "ASPECT_RATIO": 64},
-    "d256": {"DEPTH": 4, "ASPECT_RATIO": 64},
-    "d2w256": {"DEPTH": 2, "ASPECT_RATIO": 128},
+    "base": {},                                                   # d128, 2 layers, 4096 tokens/step
+    "L4": {"DEPTH": 4, "ASPECT_RATIO": 32},                       # d128, 4 layers
+    "d256": {"DEPTH": 2, "ASPECT_RATIO": 128},                    # d256, 2 layers
+    "d256L4": {"DEPTH": 4, "ASPECT_RATIO": 64},                   # d256, 4 layers
+    "b8k": {"TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},  # 8192 tokens/step
+    "b2k": {"TOTAL_BATCH_SIZE": 2**11, "DEVICE_BATCH_SIZE": 8},   # 2048 tokens/step
     "t512": {"MAX_SEQ_LEN": 512, "DEVICE_BATCH_SIZE": 8},
     "compile": {"COMPILE": True},
 }
@@ -51,6 +52,7 @@ if overrides.get("COMPILE"):
     train.USE_COMPILE = True
     train.adamw_step_fused = torch.compile(train.adamw_step_fused, dynamic=False, fullgraph=True)
     train.muon_step_fused = torch.compile(train.muon_step_fused, dynamic=False, fullgraph=True)
+print(f"tokens_per_step: {{train.TOTAL_BATCH_SIZE}}")
 train.main()
 """
 
@@ -78,6 +80,9 @@ def run(name, overrides, time_budget):
         for line in proc.stdout[proc.stdout.rindex("\n---\n") + 5:].splitlines():
             key, _, value = line.partition(":")
             summary[key.strip()] = value.strip()
+    summary["tokens_per_step"] = int(re.search(r"tokens_per_step: (\d+)", proc.stdout).group(1)) if summary else 0
+    epochs = re.findall(r"epoch: (\d+)", proc.stdout)
+    summary["epoch"] = epochs[-1] if epochs else "?"
     summary["wall"] = wall
     summary["ok"] = proc.returncode == 0
     return summary
@@ -97,7 +102,7 @@ def main():
 
     import torch
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, time budget {args.time_budget:.0f}s")
-    header = f"{'name':<10} {'overrides':<48} {'steps':>6} {'tok/s':>8} {'train_s':>8} {'total_s':>8} {'extra_s':>8} {'val_bpb':>9} {'mem_mb':>8}"
+    header = f"{'name':<10} {'overrides':<48} {'steps':>6} {'tok/s':>8} {'train_s':>8} {'total_s':>8} {'extra_s':>8} {'val_bpb':>9} {'mem_mb':>8} {'epoch':>5}"
     print(header)
     print("-" * len(header))
     for name in names:
@@ -106,10 +111,9 @@ def main():
             print(f"{name:<10} {str(candidates[name]):<48} FAILED (see bench/cpu_profile_{name}.log)")
             continue
         steps, train_s, total_s = int(s["num_steps"]), float(s["training_seconds"]), float(s["total_seconds"])
-        tokens_per_step = float(s["total_tokens_M"]) * 1e6 / steps
-        tok_s = (steps - 11) * tokens_per_step / train_s  # steps 0..10 are not timed
+        tok_s = (steps - 11) * s["tokens_per_step"] / train_s  # steps 0..10 are not timed
         print(f"{name:<10} {str(candidates[name]):<48} {steps:>6} {tok_s:>8.0f} {train_s:>8.1f} {total_s:>8.1f} "
-              f"{total_s - train_s:>8.1f} {float(s['val_bpb']):>9.6f} {float(s['peak_vram_mb']):>8.0f}", flush=True)
+              f"{total_s - train_s:>8.1f} {float(s['val_bpb']):>9.6f} {float(s['peak_vram_mb']):>8.0f} {s['epoch']:>5}", flush=True)
 
 
 if __name__ == "__main__":

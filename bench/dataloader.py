@@ -9,7 +9,8 @@ and (B 128, T 2048) prints, in tokens (B*T per batch) per second:
   e2e      make_dataloader end to end (parquet, tokenizer, packing, tensors),
            ours and the naive reference (tests/naive_dataloader.py);
   bound    delivered tokens / time of tiktoken's encode_ordinary_batch alone
-           on exactly the document batches the loader fetched;
+           on exactly the document batches the packer consumed (ours also
+           tokenizes the two batches its prefetch thread holds, and pays for it);
   pack     the packers alone on the same token lists, tokenized beforehand
            (ours: prepare._pack_rows; naive: naive_pack, filling rows by
            torch.tensor per document as the reference loader does).
@@ -38,7 +39,7 @@ import torch  # noqa: E402
 import prepare  # noqa: E402
 from naive_dataloader import naive_dataloader, naive_pack  # noqa: E402
 
-CONFIGS = [(32, 256, 100), (128, 2048, 12)]   # B, T, batches per timing
+CONFIGS = [(32, 256, 300), (128, 2048, 40)]   # B, T, batches per timing (~10M tokens at T 2048)
 
 WORDS = ("the of and to in is for that on with as was by at from it are be this an or which have not has "
          "data model system energy water health market city school research price policy design music").split()
@@ -79,11 +80,13 @@ def run_config(tokenizer, B, T, n, repeat):
             fetched.append((texts, epoch))
             yield texts, epoch
 
-    prepare._document_batches = recording
+    # without the prefetch thread, so that exactly the consumed batches are recorded
+    real_prefetch = prepare._prefetch
+    prepare._document_batches, prepare._prefetch = recording, lambda items: items
     try:
         reference = next(itertools.islice(prepare.make_dataloader(tokenizer, B, T, "train"), n - 1, None))[0].clone()
     finally:
-        prepare._document_batches = real_document_batches
+        prepare._document_batches, prepare._prefetch = real_document_batches, real_prefetch
     batches = fetched
     texts = [t for t, _ in batches]
     # token ids as each packer takes them (ours without BOS, it writes BOS itself); neither mutates them

@@ -2,6 +2,8 @@
 
 import itertools
 import os
+import threading
+import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -87,6 +89,58 @@ def test_missing_val_shard_raises_in_caller(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="validation shard"):
         next(prepare.make_dataloader(tokenizer, 2, 32, "val"))
     next(prepare.make_dataloader(tokenizer, 2, 32, "train"))
+
+
+# ---------------------------------------------------------------------------
+# The prefetch thread that reads and tokenizes ahead of the packer
+# ---------------------------------------------------------------------------
+
+def prefetch_threads():
+    return [t for t in threading.enumerate() if t.name == "dataloader-prefetch"]
+
+
+def test_prefetch_keeps_order_and_ends():
+    assert list(prepare._prefetch(iter(range(100)), depth=3)) == list(range(100))
+    assert list(prepare._prefetch(iter([]))) == []
+    assert not prefetch_threads()
+
+
+def test_prefetch_reraises_in_consumer():
+    def items():
+        yield from range(3)
+        raise SystemExit("no shards")
+
+    got = []
+    with pytest.raises(SystemExit, match="no shards"):
+        for item in prepare._prefetch(items()):
+            got.append(item)
+    assert got == [0, 1, 2]
+    assert not prefetch_threads()
+
+
+def test_prefetch_runs_ahead_bounded_and_stops_on_close():
+    produced = []
+
+    def items():
+        for i in itertools.count():
+            produced.append(i)
+            yield i
+
+    depth = 2
+    stream = prepare._prefetch(items(), depth=depth)
+    assert next(stream) == 0
+    deadline = time.monotonic() + 10
+    # ahead of the consumer: depth items queued plus one in the worker's hand
+    while len(produced) < depth + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert len(produced) == depth + 2
+    assert [next(stream) for _ in range(5)] == [1, 2, 3, 4, 5]
+    stream.close()
+    assert not prefetch_threads()
+    n = len(produced)
+    time.sleep(0.3)
+    assert len(produced) == n
 
 
 # ---------------------------------------------------------------------------
