@@ -530,7 +530,7 @@ DEVICE_BATCH_SIZE = 128   # per-device batch size (reduce if out of memory)
 # CPU/MPS profile: the reference model would take ~1 min a step there. Chosen by
 # measuring 300 s runs on a 2-core CPU (see README); CUDA keeps the values above.
 if not ON_CUDA:
-    DEPTH, ASPECT_RATIO, HEAD_DIM, WINDOW_PATTERN = 2, 64, 64, "L"
+    DEPTH, ASPECT_RATIO, HEAD_DIM, WINDOW_PATTERN = 4, 64, 64, "L"
     TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**12, 16
 
 

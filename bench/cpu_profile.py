@@ -2,7 +2,7 @@
 Compare candidate CPU profiles: full train.py runs, side by side, one table.
 
     uv run bench/cpu_profile.py                        # the default candidates, 300 s each
-    uv run bench/cpu_profile.py --time-budget 120 --only base,d256
+    uv run bench/cpu_profile.py --time-budget 120 --only d256L4,d128L2
     uv run bench/cpu_profile.py --config "mine:DEPTH=3,TOTAL_BATCH_SIZE=8192"
 
 Each candidate runs train.py's own main() in a fresh process with some module
@@ -21,12 +21,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# name -> overrides of train.py / prepare.py constants (the defaults are the current CPU profile)
+# name -> overrides of train.py / prepare.py constants, on top of the current CPU profile
+# (d256, 4 layers, HEAD_DIM 64, window "L", 4096 tokens/step in batches of 16 rows of MAX_SEQ_LEN 256)
 CANDIDATES = {
-    "base": {},                                                   # d128, 2 layers, 4096 tokens/step
-    "L4": {"DEPTH": 4, "ASPECT_RATIO": 32},                       # d128, 4 layers
-    "d256": {"DEPTH": 2, "ASPECT_RATIO": 128},                    # d256, 2 layers
-    "d256L4": {"DEPTH": 4, "ASPECT_RATIO": 64},                   # d256, 4 layers
+    "d256L4": {},                                                 # the current profile
+    "d128L2": {"DEPTH": 2, "ASPECT_RATIO": 64},
+    "d128L4": {"DEPTH": 4, "ASPECT_RATIO": 32},
+    "d256L2": {"DEPTH": 2, "ASPECT_RATIO": 128},
+    "d128L2b8k": {"DEPTH": 2, "ASPECT_RATIO": 64, "TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},
     "b8k": {"TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},  # 8192 tokens/step
     "b2k": {"TOTAL_BATCH_SIZE": 2**11, "DEVICE_BATCH_SIZE": 8},   # 2048 tokens/step
     "t512": {"MAX_SEQ_LEN": 512, "DEVICE_BATCH_SIZE": 8},
