@@ -816,9 +816,10 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
     Documents of `split` ("train": every shard but the validation shard, cycled
     forever; "val": the validation shard only) are tokenized 128 at a time with
     BOS in front (in a background thread, two batches ahead), and every row is
-    filled left to right from a buffer of `buffer_size` documents: take the longest document that fits the remaining
-    space (earliest among equals); if none fits, take the shortest (earliest
-    among equals), crop it to the remaining space and drop its rest. Rows start
+    filled left to right from a buffer of `buffer_size` documents: take the
+    longest document that fits the remaining space (earliest among equals); if
+    none fits, take the shortest (earliest among equals), crop it to the
+    remaining space and drop its rest. Rows start
     with BOS and have no padding. This is SPEC.md's algorithm, batch for batch;
     only the search is faster (see _pack_rows).
 
