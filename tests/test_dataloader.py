@@ -5,6 +5,7 @@ import os
 import threading
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -89,6 +90,22 @@ def test_missing_val_shard_raises_in_caller(tokenizer, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="validation shard"):
         next(prepare.make_dataloader(tokenizer, 2, 32, "val"))
     next(prepare.make_dataloader(tokenizer, 2, 32, "train"))
+
+
+def test_token_batches_equal_reference_encode(tokenizer, tmp_path, monkeypatch):
+    # the loader tokenizes with encode_to_numpy in its own thread pool; the reference with
+    # encode(texts, prepend=BOS): same ids, special-token text included (encoded as ordinary text)
+    monkeypatch.setattr(prepare, "DATA_DIR", str(tmp_path / "data"))
+    os.makedirs(prepare.DATA_DIR)
+    docs = make_documents(150, seed=3) + ["a <|reserved_0|> b", "<|reserved_3|>", "", " ", "é\n\n\tx"]
+    write_shard(os.path.join(prepare.DATA_DIR, prepare.shard_filename(0)), docs)
+    batches = prepare._token_batches(tokenizer, "train")
+    got = [ids for _, (ids_batch, epoch) in zip(range(3), batches) for ids in ids_batch]  # row groups of 64
+    batches.close()
+    assert len(got) == len(docs)
+    for text, ids in zip(docs, got):
+        assert ids.dtype == np.uint32
+        assert ids.tolist() == tokenizer.encode(text)
 
 
 # ---------------------------------------------------------------------------
@@ -238,9 +255,9 @@ def synthetic_batches(lengths, batch_size):
 
 
 def without_bos(batches):
-    # our packer takes documents without BOS and writes it itself
+    # our packer takes documents as the loader's tokenizer gives them: uint32 arrays without BOS
     for docs, epoch in batches:
-        yield [doc[1:] for doc in docs], epoch
+        yield [np.array(doc[1:], dtype=np.uint32) for doc in docs], epoch
 
 
 def assert_pack_equal(lengths, B, T, buffer_size, batch_size, n_batches):
