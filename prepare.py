@@ -689,7 +689,8 @@ def _document_batches(split, tokenizer_batch_size=128):
 # tiktoken threads for the dataloader: 8 as the reference, but no more than the cores
 # this process may use. More threads than cores only adds contention: on 2 cores,
 # 8 threads tokenize the Shakespeare mirror at 2.0 M tokens/s and 2 threads at 2.9 M.
-TOKENIZER_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+TOKENIZER_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count() or 1)
 
 
 def _token_batches(tokenizer, split):
@@ -837,9 +838,9 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
     filled left to right from a buffer of `buffer_size` documents: take the
     longest document that fits the remaining space (earliest among equals); if
     none fits, take the shortest (earliest among equals), crop it to the
-    remaining space and drop its rest. Rows start
-    with BOS and have no padding. This is SPEC.md's algorithm, batch for batch;
-    only the search is faster (see _pack_rows).
+    remaining space and drop its rest. Rows start with BOS and have no padding.
+    This is SPEC.md's algorithm, batch for batch; only the search is faster
+    (see _pack_rows).
 
     Yields:
         (inputs, targets, epoch) forever: int64 tensors of shape (B, T) on

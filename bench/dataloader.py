@@ -94,9 +94,20 @@ def run_config(tokenizer, B, T, n, repeat):
         prepare._document_batches, prepare._prefetch = real_document_batches, real_prefetch
     batches = fetched
     texts = [t for t, _ in batches]
+
+    def our_token_batches():
+        # our loader's tokenizing stage (prepare._token_batches) on the recorded texts, already in memory
+        stage = prepare._token_batches(tokenizer, "train")
+        prepare._document_batches = lambda split: iter(batches)
+        try:
+            return list(itertools.islice(stage, len(batches)))
+        finally:
+            stage.close()
+            prepare._document_batches = real_document_batches
+
     # token ids as each packer takes them (ours: uint32 arrays without BOS, it writes BOS itself;
     # naive: lists with BOS); neither mutates them
-    cached = [([tokenizer.enc.encode_to_numpy(s, disallowed_special=()) for s in t], e) for t, e in batches]
+    cached = our_token_batches()
     cached_bos = [(tokenizer.encode(t, prepend=bos), e) for t, e in batches]
     last = {}
 
@@ -114,17 +125,6 @@ def run_config(tokenizer, B, T, n, repeat):
         for t in texts:
             tokenizer.enc.encode_ordinary_batch(t, num_threads=num_threads)
 
-    def tokenize_ours():
-        # our loader's tokenizing stage (prepare._token_batches) on the same texts, already in memory
-        stage = prepare._token_batches(tokenizer, "train")
-        prepare._document_batches = lambda split: iter(batches)
-        try:
-            for _ in itertools.islice(stage, len(batches)):
-                pass
-        finally:
-            stage.close()
-            prepare._document_batches = real_document_batches
-
     def ours_pack():
         for _ in itertools.islice(prepare._pack_rows(iter(cached), bos, B, T, 1000), n):
             pass
@@ -135,7 +135,7 @@ def run_config(tokenizer, B, T, n, repeat):
 
     # the bound is tiktoken's batch API at its fastest: the reference's 8 threads or one per core
     bounds = {"bound_8": lambda: tokenize_only(8), "bound_cores": lambda: tokenize_only(prepare.TOKENIZER_THREADS)}
-    timings = {"e2e_ours": ours_e2e, "e2e_naive": naive_e2e, **bounds, "tok_ours": tokenize_ours,
+    timings = {"e2e_ours": ours_e2e, "e2e_naive": naive_e2e, **bounds, "tok_ours": our_token_batches,
                "pack_ours": ours_pack, "pack_naive": naive_pack_only}
     best = dict.fromkeys(timings, math.inf)
     for _ in range(repeat):

@@ -100,7 +100,7 @@ def test_token_batches_equal_reference_encode(tokenizer, tmp_path, monkeypatch):
     docs = make_documents(150, seed=3) + ["a <|reserved_0|> b", "<|reserved_3|>", "", " ", "é\n\n\tx"]
     write_shard(os.path.join(prepare.DATA_DIR, prepare.shard_filename(0)), docs)
     batches = prepare._token_batches(tokenizer, "train")
-    got = [ids for _, (ids_batch, epoch) in zip(range(3), batches) for ids in ids_batch]  # row groups of 64
+    got = [ids for _, (ids_batch, _) in zip(range(3), batches) for ids in ids_batch]  # row groups of 64
     batches.close()
     assert len(got) == len(docs)
     for text, ids in zip(docs, got):
