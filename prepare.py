@@ -686,44 +686,17 @@ def _document_batches(split, tokenizer_batch_size=128):
         epoch += 1
 
 
-# tiktoken threads for the dataloader: 8 as the reference, but no more than the cores
-# this process may use. More threads than cores only adds contention: on 2 cores,
-# 8 threads tokenize the Shakespeare mirror at 2.0 M tokens/s and 2 threads at 2.9 M.
-TOKENIZER_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
-                        else os.cpu_count() or 1)
-
-
-def _token_batches(tokenizer, split):
-    """Yield (list of uint32 numpy arrays, epoch): the token ids of each document
-    batch, without BOS (the packer writes it).
-
-    Each batch is cut into TOKENIZER_THREADS runs of consecutive documents,
-    encoded in parallel. Two differences from tiktoken's encode_ordinary_batch,
-    both to hold the GIL less (the packer needs it): one task per thread instead
-    of one per document, and encode_to_numpy, which hands back a buffer instead
-    of a Python int per token. With no special token allowed, encode_to_numpy
-    gives the same ids as encode_ordinary.
-    """
-    encode = functools.partial(tokenizer.enc.encode_to_numpy, disallowed_special=())
-    with ThreadPoolExecutor(TOKENIZER_THREADS) as pool:
-        for texts, epoch in _document_batches(split):
-            step = -(-len(texts) // TOKENIZER_THREADS)
-            runs = pool.map(lambda i: [encode(text) for text in texts[i:i + step]], range(0, len(texts), step))
-            yield [ids for run in runs for ids in run], epoch
-
-
 def _prefetch(items, depth=2):
     """Yield the items of the iterator `items`, computed up to `depth` ahead in a
     background thread.
 
-    Reading parquet and tiktoken's encode release the GIL, so the next document
-    batches are read and tokenized while this thread packs rows (or, on a GPU
-    host, launches the training step). Order is unchanged, so the batches are
-    the same as without it. An exception raised by `items` (for example
-    SystemExit when the split has no shards) is raised here, at the point
-    where its item would have been. Closing this generator (or dropping it)
-    stops the thread and waits for it: it finishes at most the item in hand,
-    then closes `items` if it is a generator.
+    The dataloader reads parquet here, off the thread that packs rows (or, on a
+    GPU host, launches the training step); reading releases the GIL for most
+    of its time. Order is unchanged. An exception raised by `items` (for
+    example SystemExit when the split has no shards) is raised here, at the
+    point where its item would have been. Closing this generator (or dropping
+    it) stops the thread and waits for it: it finishes at most the item in
+    hand, then closes `items` if it is a generator.
     """
     ready = queue.Queue(maxsize=depth)
     closed = threading.Event()
@@ -746,7 +719,7 @@ def _prefetch(items, depth=2):
         except BaseException as e:
             put((None, e))
         finally:
-            if hasattr(items, "close"):  # a generator: release what it holds (the tokenizer threads)
+            if hasattr(items, "close"):  # a generator: run its cleanup in this thread
                 items.close()
 
     worker = threading.Thread(target=work, daemon=True, name="dataloader-prefetch")
@@ -763,6 +736,49 @@ def _prefetch(items, depth=2):
         closed.set()
         if not sys.is_finalizing():  # at interpreter exit daemon threads are frozen: never join them
             worker.join()
+
+
+# tiktoken threads for the dataloader: 8 as the reference, but no more than the cores
+# this process may use. More threads than cores only adds contention: on 2 cores,
+# 8 threads tokenize the Shakespeare mirror at 2.0 M tokens/s and 2 threads at 2.9 M.
+TOKENIZER_THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                        else os.cpu_count() or 1)
+# document batches queued on the tokenizer threads ahead of the one being packed
+# (plus one in the reader's hand): enough to keep them busy through a GPU step
+TOKENIZE_AHEAD = 4
+
+
+def _token_batches(tokenizer, split, ahead=TOKENIZE_AHEAD):
+    """Yield (list of uint32 numpy arrays, epoch): the token ids of each document
+    batch of _document_batches, in order, without BOS (the packer writes it).
+
+    A _prefetch thread reads the batches and queues them on a pool of
+    TOKENIZER_THREADS threads, up to `ahead` batches before the one the caller
+    waits for. So the pool never waits for parquet or for the packer: reading,
+    tokenizing and packing overlap. Each batch is cut into TOKENIZER_THREADS
+    runs of consecutive documents. Two differences from tiktoken's
+    encode_ordinary_batch, both to hold the GIL less (the packer needs it): one
+    task per run instead of one per document, and encode_to_numpy, which hands
+    back a buffer instead of a Python int per token. With no special token
+    allowed, encode_to_numpy gives the same ids as encode_ordinary. Closing the
+    generator drops the queued work.
+    """
+    encode = functools.partial(tokenizer.enc.encode_to_numpy, disallowed_special=())
+    pool = ThreadPoolExecutor(TOKENIZER_THREADS, thread_name_prefix="dataloader-tokenizer")
+
+    def queued():
+        for texts, epoch in _document_batches(split):
+            step = -(-len(texts) // TOKENIZER_THREADS)
+            runs = [texts[i:i + step] for i in range(0, len(texts), step)]
+            yield [pool.submit(lambda run: [encode(text) for text in run], run) for run in runs], epoch
+
+    batches = _prefetch(queued(), depth=ahead)
+    try:
+        for runs, epoch in batches:
+            yield [ids for run in runs for ids in run.result()], epoch
+    finally:
+        batches.close()  # first stop the reader, then drop what it queued
+        pool.shutdown(cancel_futures=True)
 
 
 def _pack_rows(token_batches, bos, B, T, buffer_size):
@@ -834,13 +850,13 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 
     Documents of `split` ("train": every shard but the validation shard, cycled
     forever; "val": the validation shard only) are tokenized 128 at a time with
-    BOS in front (in background threads, two batches ahead), and every row is
-    filled left to right from a buffer of `buffer_size` documents: take the
-    longest document that fits the remaining space (earliest among equals); if
-    none fits, take the shortest (earliest among equals), crop it to the
-    remaining space and drop its rest. Rows start with BOS and have no padding.
-    This is SPEC.md's algorithm, batch for batch; only the search is faster
-    (see _pack_rows).
+    BOS in front (in background threads, TOKENIZE_AHEAD batches ahead), and
+    every row is filled left to right from a buffer of `buffer_size` documents:
+    take the longest document that fits the remaining space (earliest among
+    equals); if none fits, take the shortest (earliest among equals), crop it
+    to the remaining space and drop its rest. Rows start with BOS and have no
+    padding. This is SPEC.md's algorithm, batch for batch; only the search is
+    faster (see _pack_rows).
 
     Yields:
         (inputs, targets, epoch) forever: int64 tensors of shape (B, T) on
@@ -854,8 +870,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
         SystemExit: the split has no shards (run prepare.py).
     """
     assert split in ("train", "val"), split
-    token_batches = _prefetch(_token_batches(tokenizer, split))
-    rows = _pack_rows(token_batches, tokenizer.get_bos_token_id(), B, T, buffer_size)
+    rows = _pack_rows(_token_batches(tokenizer, split), tokenizer.get_bos_token_id(), B, T, buffer_size)
 
     use_cuda = DEVICE_TYPE == "cuda"
     cpu_buffer = torch.empty(2 * B * T, dtype=torch.long, pin_memory=use_cuda)

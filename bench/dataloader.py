@@ -11,7 +11,8 @@ and (B 128, T 2048) prints, in tokens (B*T per batch) per second:
   bound    delivered tokens / time of tiktoken's encode_ordinary_batch alone
            on exactly the document batches the packer consumed, with 8 threads
            (the reference) or one per core, whichever is faster (ours also
-           tokenizes the two batches its prefetch thread holds, and pays for it);
+           tokenizes the TOKENIZE_AHEAD + 1 batches it has queued when the
+           last batch is taken, and pays for them);
   tok      delivered tokens / time of our tokenizing stage alone
            (prepare._token_batches: runs of documents per thread, numpy output)
            on the same batches, already read: the stricter bound wherever it
@@ -87,7 +88,7 @@ def run_config(tokenizer, B, T, n, repeat):
 
     # without the prefetch thread, so that exactly the consumed batches are recorded
     real_prefetch = prepare._prefetch
-    prepare._document_batches, prepare._prefetch = recording, lambda items: items
+    prepare._document_batches, prepare._prefetch = recording, lambda items, depth=None: items
     try:
         reference = next(itertools.islice(prepare.make_dataloader(tokenizer, B, T, "train"), n - 1, None))[0].clone()
     finally:

@@ -160,6 +160,53 @@ def test_prefetch_runs_ahead_bounded_and_stops_on_close():
     assert len(produced) == n
 
 
+def loader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith(("dataloader-prefetch", "dataloader-tokenizer"))]
+
+
+def test_token_batches_read_ahead_bounded_and_close_stops_threads(tokenizer, monkeypatch):
+    read = []
+
+    def document_batches(split):
+        for i in itertools.count():
+            read.append(i)
+            yield [f"document {i} part {j}" for j in range(5)], 1
+
+    monkeypatch.setattr(prepare, "_document_batches", document_batches)
+    ahead = 3
+    batches = prepare._token_batches(tokenizer, "train", ahead=ahead)
+    ids, _ = next(batches)
+    assert [a.tolist() for a in ids] == [tokenizer.encode(f"document 0 part {j}") for j in range(5)]
+    deadline = time.monotonic() + 10
+    # queued on the pool: `ahead` batches waiting in the queue plus one in the reader's hand
+    while len(read) < ahead + 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.3)
+    assert len(read) == ahead + 2
+    for i in range(1, 8):
+        ids, _ = next(batches)
+        assert tokenizer.decode(ids[4].tolist()) == f"document {i} part 4"
+    batches.close()
+    assert not loader_threads()
+    n = len(read)
+    time.sleep(0.3)
+    assert len(read) == n
+
+
+def test_token_batches_tokenizer_error_raises_in_consumer(tokenizer, monkeypatch):
+    def document_batches(split):
+        yield ["fine"], 1
+        yield ["fine", None], 1  # tiktoken rejects a non-str: the error reaches the packer's thread
+        yield ["never"], 1
+
+    monkeypatch.setattr(prepare, "_document_batches", document_batches)
+    batches = prepare._token_batches(tokenizer, "train")
+    assert next(batches)[0][0].tolist() == tokenizer.encode("fine")
+    with pytest.raises(TypeError):
+        next(batches)
+    assert not loader_threads()
+
+
 # ---------------------------------------------------------------------------
 # Epochs and the split boundary, on tiny corpora
 # ---------------------------------------------------------------------------
