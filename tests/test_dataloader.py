@@ -109,7 +109,7 @@ def test_token_batches_equal_reference_encode(tokenizer, tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------
-# The prefetch thread that reads and tokenizes ahead of the packer
+# The reader thread and the tokenizer pool that run ahead of the packer
 # ---------------------------------------------------------------------------
 
 def prefetch_threads():
