@@ -98,8 +98,8 @@ def run_config(tokenizer, B, T, n, repeat):
 
     def our_token_batches():
         # our loader's tokenizing stage (prepare._token_batches) on the recorded texts, already in memory
-        stage = prepare._token_batches(tokenizer, "train")
         prepare._document_batches = lambda split: iter(batches)
+        stage = prepare._token_batches(tokenizer, "train")
         try:
             return list(itertools.islice(stage, len(batches)))
         finally:

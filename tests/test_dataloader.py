@@ -112,14 +112,14 @@ def test_token_batches_equal_reference_encode(tokenizer, tmp_path, monkeypatch):
 # The reader thread and the tokenizer pool that run ahead of the packer
 # ---------------------------------------------------------------------------
 
-def prefetch_threads():
-    return [t for t in threading.enumerate() if t.name == "dataloader-prefetch"]
+def loader_threads():
+    return [t for t in threading.enumerate() if t.name.startswith(("dataloader-prefetch", "dataloader-tokenizer"))]
 
 
 def test_prefetch_keeps_order_and_ends():
     assert list(prepare._prefetch(iter(range(100)), depth=3)) == list(range(100))
     assert list(prepare._prefetch(iter([]))) == []
-    assert not prefetch_threads()
+    assert not loader_threads()
 
 
 def test_prefetch_reraises_in_consumer():
@@ -132,7 +132,7 @@ def test_prefetch_reraises_in_consumer():
         for item in prepare._prefetch(items()):
             got.append(item)
     assert got == [0, 1, 2]
-    assert not prefetch_threads()
+    assert not loader_threads()
 
 
 def test_prefetch_runs_ahead_bounded_and_stops_on_close():
@@ -154,14 +154,10 @@ def test_prefetch_runs_ahead_bounded_and_stops_on_close():
     assert len(produced) == depth + 2
     assert [next(stream) for _ in range(5)] == [1, 2, 3, 4, 5]
     stream.close()
-    assert not prefetch_threads()
+    assert not loader_threads()
     n = len(produced)
     time.sleep(0.3)
     assert len(produced) == n
-
-
-def loader_threads():
-    return [t for t in threading.enumerate() if t.name.startswith(("dataloader-prefetch", "dataloader-tokenizer"))]
 
 
 def test_token_batches_read_ahead_bounded_and_close_stops_threads(tokenizer, monkeypatch):
