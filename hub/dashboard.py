@@ -304,7 +304,8 @@ def draw_chart(platform, s):
                      f"({(base - best) / base:.2%} lower)", fontsize=11)
         records = [r for r in kept if r["record"]][-LABELS_MAX:]
         texts = ["baseline" if r is kept[0] else _shorten(f"{r['description']} ({r['agent']})") for r in records]
-        widths = [1.05 * TextPath((0, 0), t, size=LABEL_SIZE).get_extents().width for t in texts]
+        # glyph-outline widths ('$' escaped: TextPath would read "$...$" as mathtext)
+        widths = [1.05 * TextPath((0, 0), t.replace("$", r"\$"), size=LABEL_SIZE).get_extents().width for t in texts]
         gap, a = 4, math.radians(LABEL_ANGLE)
         to_points = 72 / fig.dpi
         anchors = [(px * to_points + gap * math.cos(a), py * to_points + gap * math.sin(a)) for px, py in
