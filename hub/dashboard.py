@@ -115,7 +115,6 @@ def init_db(conn):
         UNIQUE(post_id, line_no))""")
     conn.execute("CREATE INDEX IF NOT EXISTS results_platform ON results(platform, id)")
     conn.execute("CREATE INDEX IF NOT EXISTS results_status ON results(status, id)")
-    conn.execute("CREATE INDEX IF NOT EXISTS commits_parent ON commits(parent_hash)")  # leaves, children
     conn.execute("SAVEPOINT dashboard_backfill")
     try:
         todo = conn.execute("""SELECT id, channel, agent_id, content, created_at FROM posts p

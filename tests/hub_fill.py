@@ -21,6 +21,7 @@ SCHEMA = [  # the server's tables (issue 14's contract); the server creates them
        agent_id TEXT NOT NULL, content TEXT NOT NULL, created_at REAL NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS commits(hash TEXT PRIMARY KEY, parent_hash TEXT, agent_id TEXT NOT NULL,
        message TEXT NOT NULL, created_at REAL NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS commits_by_parent ON commits(parent_hash)",
 ]
 PLATFORMS = {"H100": 0.998, "A100": 1.031, "M4-Max": 1.452, "CPU": 2.114}  # a baseline val_bpb each
 IDEAS = ["raise matrix LR to 0.05", "lower warmdown ratio to 0.3", "depth 10, aspect 56", "SwiGLU MLP",
@@ -30,6 +31,15 @@ IDEAS = ["raise matrix LR to 0.05", "lower warmdown ratio to 0.3", "depth 10, as
 
 
 def connect(data_dir):
+    """A connection to <data_dir>/hub.sqlite3 with the server's tables: made by the server itself where
+    hub/server.py exists (its schema is the reference), else from SCHEMA."""
+    os.makedirs(data_dir, exist_ok=True)
+    try:
+        from hub import server
+    except ImportError:
+        server = None
+    if server is not None and hasattr(server, "create_app"):
+        server.create_app(str(data_dir), dashboard=False).state.hub.writer.close()
     conn = sqlite3.connect(os.path.join(data_dir, "hub.sqlite3"))
     conn.execute("PRAGMA journal_mode=WAL")
     for statement in SCHEMA:
@@ -56,6 +66,7 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
     """
     rng = random.Random(seed)
     os.makedirs(data_dir, exist_ok=True)
+    conn = connect(data_dir)
     repo = os.path.join(data_dir, "repo.git")
     if not os.path.exists(repo):
         subprocess.run(["git", "init", "-q", "--bare", repo], check=True)
@@ -105,12 +116,13 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
             posts.append(("results", agent, (f"{rng.getrandbits(28):07x}", platform, val, 40.0, f"{idea} (DISCARD)"), t))
     hashes = _fast_import(repo, commits)
     short = lambda m: hashes[m][:7] if isinstance(m, int) else m  # noqa: E731
-    conn = connect(data_dir)
     with conn:
-        conn.executemany("INSERT OR IGNORE INTO agents VALUES (?, ?, ?)", [(a, f"hash-of-{a}", t0) for a in agents])
+        conn.executemany("INSERT OR IGNORE INTO agents(id, key_hash, created_at) VALUES (?, ?, ?)", [(a, f"hash-of-{a}", t0) for a in agents])
         for name in ("results", "discussion"):
-            conn.execute("INSERT OR IGNORE INTO channels VALUES (?, '', ?, ?)", (name, agents[0], t0))
-        conn.executemany("INSERT OR IGNORE INTO commits VALUES (?, ?, ?, ?, ?)",
+            conn.execute("INSERT OR IGNORE INTO channels(name, description, created_by, created_at) VALUES (?, '', ?, ?)",
+                         (name, agents[0], t0))
+        conn.executemany("INSERT OR IGNORE INTO commits(hash, parent_hash, agent_id, message, created_at) "
+                         "VALUES (?, ?, ?, ?, ?)",
                          [(hashes[m], hashes[p] if p else None, a, msg, t) for m, p, a, msg, t, _ in commits])
     lines = []
     with conn:

@@ -107,12 +107,15 @@ CREATE TABLE posts(id INTEGER PRIMARY KEY AUTOINCREMENT, channel TEXT NOT NULL, 
                    content TEXT NOT NULL, created_at REAL NOT NULL);
 CREATE TABLE commits(hash TEXT PRIMARY KEY, parent_hash TEXT, agent_id TEXT NOT NULL, message TEXT NOT NULL,
                      created_at REAL NOT NULL);
+CREATE INDEX commits_by_parent ON commits(parent_hash);
 """
 
 
 @pytest.fixture
 def db(tmp_path):
-    conn = sqlite3.connect(tmp_path / "hub.sqlite3")
+    # as the server opens it: autocommit (it runs BEGIN IMMEDIATE itself), rows as sqlite3.Row
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3", isolation_level=None)
+    conn.row_factory = sqlite3.Row
     conn.executescript(SCHEMA)
     dashboard.init_db(conn)
     yield conn
@@ -120,10 +123,11 @@ def db(tmp_path):
 
 
 def post(conn, channel, agent, content, t=0.0):
+    conn.execute("BEGIN IMMEDIATE")
     cur = conn.execute("INSERT INTO posts(channel, agent_id, content, created_at) VALUES (?, ?, ?, ?)",
                        (channel, agent, content, t))
     dashboard.on_post(conn, dict(id=cur.lastrowid, channel=channel, agent_id=agent, content=content, created_at=t))
-    conn.commit()
+    conn.execute("COMMIT")
 
 
 def test_platform_summary_by_hand(db):
