@@ -43,7 +43,8 @@ from urllib.parse import quote
 from markdown_it import MarkdownIt
 from matplotlib import rc_context
 from matplotlib.figure import Figure
-from matplotlib.textpath import TextPath
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
@@ -60,15 +61,19 @@ LATEST_RESULTS = 30        # rows in "latest results": what is being tried now
 LATEST_POSTS = 20          # discussion posts shown
 LATEST_UNPARSED = 20       # unparsed result lines shown
 LEAVES_SHOWN = 30          # newest leaves of the commit tree
-LINEAGE_MAX = 500          # commits walked back from a best commit (the graph is a tree, this bounds a cycle)
+LINEAGE_MAX = 5000         # commits walked back from a best commit (the graph is a tree, this bounds a cycle)
+LINEAGE_SHOWN = 12         # of a long lineage the page lists the newest ones and the root; each commit page links on
 DIFF_MAX_BYTES = 1 << 20   # a `git show` longer than this is cut (train.py diffs are a few KB)
 GIT_TIMEOUT_S = 10
+CHART_REDRAW_S = 10        # a chart whose platform has new results is redrawn at most this often (a draw of
+                           # 2,500 runs takes about a second of CPU; a busy hub gets several results a second)
 LABELS_MAX = 40            # chart: at most this many (the newest) record-setting runs get a label
 LABEL_ANGLE = 30           # degrees, labels run up and to the right (as in analysis.ipynb)
 LABEL_SIZE = 7             # points
 LABEL_CHARS = 40           # longer labels end in an ellipsis
 COOKIE = "hub_read"
 COOKIE_MAX_AGE = 30 * 24 * 3600
+TEXT_TO_PATH = TextToPath()
 HASH = re.compile(r"^[0-9a-f]{4,40}$")
 SAFE_URL = re.compile(r"^(?:https?://|mailto:|[^:/?#]*(?:[/?#]|$))", re.IGNORECASE)  # no javascript:, data:...
 
@@ -115,6 +120,7 @@ def init_db(conn):
         UNIQUE(post_id, line_no))""")
     conn.execute("CREATE INDEX IF NOT EXISTS results_platform ON results(platform, id)")
     conn.execute("CREATE INDEX IF NOT EXISTS results_status ON results(status, id)")
+    conn.execute("CREATE INDEX IF NOT EXISTS results_commit ON results(commit_hash)")
     conn.execute("SAVEPOINT dashboard_backfill")
     try:
         todo = conn.execute("""SELECT id, channel, agent_id, content, created_at FROM posts p
@@ -168,33 +174,63 @@ def records_version(conn):
     return last_post, n_commits
 
 
-def platform_runs(conn):
-    """{platform: [run, ...]} of every parsed result row (not unparsed), in posting order, with the
-    analysis.ipynb summary of each platform: the baseline (first finished run), the kept line (baseline,
-    then every kept run) with its running best, the best run, and the chart's version (last row id)."""
+def platform_runs(conn, platform=None):
+    """{platform: summary} with every parsed result row (not unparsed) of `platform` (or of all), in posting
+    order: the data of a chart. analysis.ipynb's semantics per platform: the baseline is the first finished
+    run, the kept line is the baseline then every kept run after it, with its running best; a kept run that
+    lowers the running best is a record ("a kept improvement"); the best is the first run at the minimum.
+    Each summary: rows, finished, kept, baseline, best, n_runs, n_kept, n_crash, version (last row id)."""
     runs = {}
-    for rid, agent, commit, platform, val, status, desc in conn.execute(
-            """SELECT id, agent_id, commit_hash, platform, val_bpb, status, description FROM results
-               WHERE status != 'unparsed' ORDER BY platform, id"""):
-        runs.setdefault(platform, []).append(
+    where, args = ("platform = ?", (platform,)) if platform is not None else ("1", ())
+    for rid, agent, commit, plat, val, status, desc in conn.execute(
+            f"""SELECT id, agent_id, commit_hash, platform, val_bpb, status, description FROM results
+                WHERE {where} AND status != 'unparsed' ORDER BY platform, id""", args):
+        runs.setdefault(plat, []).append(
             dict(id=rid, agent=agent, commit=commit, val_bpb=val, status=status, description=desc))
     summary = {}
-    for platform, rows in runs.items():
+    for plat, rows in runs.items():
         for x, r in enumerate(rows):
             r["x"] = x  # experiment number on this platform, crashes included (they are counted, not drawn)
         finished = [r for r in rows if r["status"] != "crash" and r["val_bpb"] and r["val_bpb"] > 0]
         base = finished[0] if finished else None
-        kept = [base] + [r for r in finished if r["status"] == "keep" and r is not base] if base else []
+        kept = [base] + [r for r in finished if r["status"] == "keep" and r["id"] > base["id"]] if base else []
         best, running = None, math.inf
         for r in kept:
-            r["record"] = r["val_bpb"] < running  # lowered the running best: "a kept improvement"
+            r["record"] = r["val_bpb"] < running
             running = min(running, r["val_bpb"])
             r["running_best"] = running
             if r["record"]:
                 best = r
-        summary[platform] = dict(rows=rows, finished=finished, baseline=base, kept=kept, best=best,
-                                 version=rows[-1]["id"],
-                                 n_crash=sum(r["status"] == "crash" for r in rows))
+        summary[plat] = dict(rows=rows, finished=finished, baseline=base, kept=kept, best=best, n_runs=len(rows),
+                             n_kept=len(kept), n_crash=sum(r["status"] == "crash" for r in rows),
+                             version=rows[-1]["id"])
+    return summary
+
+
+def platform_summary(conn):
+    """What the page's table needs of platform_runs(conn), from a few indexed queries instead of every row:
+    {platform: dict(baseline, best, n_runs, n_kept, n_crash, version)}, baseline and best as row dicts
+    (id, agent, commit, val_bpb, status, description) or None. Equal to platform_runs (a test checks)."""
+    cols = "id, agent_id, commit_hash, val_bpb, status, description"
+
+    def row(r):
+        return dict(zip(("id", "agent", "commit", "val_bpb", "status", "description"), r)) if r else None
+
+    summary = {}
+    for plat, n_runs, n_crash, version in conn.execute(
+            """SELECT platform, COUNT(*), SUM(status = 'crash'), MAX(id) FROM results
+               WHERE status != 'unparsed' GROUP BY platform"""):
+        base = row(conn.execute(f"""SELECT {cols} FROM results WHERE platform = ? AND status IN ('keep', 'discard')
+                                    AND val_bpb > 0 ORDER BY id LIMIT 1""", (plat,)).fetchone())
+        best, n_kept = base, 1 if base else 0
+        if base:
+            top = row(conn.execute(f"""SELECT {cols} FROM results WHERE platform = ? AND status = 'keep' AND id > ?
+                                       AND val_bpb > 0 ORDER BY val_bpb, id LIMIT 1""", (plat, base["id"])).fetchone())
+            if top and top["val_bpb"] < base["val_bpb"]:
+                best = top
+            n_kept += conn.execute("""SELECT COUNT(*) FROM results WHERE platform = ? AND status = 'keep' AND id > ?
+                                      AND val_bpb > 0""", (plat, base["id"])).fetchone()[0]
+        summary[plat] = dict(baseline=base, best=best, n_runs=n_runs, n_kept=n_kept, n_crash=n_crash, version=version)
     return summary
 
 
@@ -211,16 +247,15 @@ def commit_record(conn, full):
 
 
 def lineage(conn, full):
-    """The commits from `full` back to its root, newest first (at most LINEAGE_MAX)."""
-    chain, seen = [], set()
-    while full and full not in seen and len(chain) < LINEAGE_MAX:
-        seen.add(full)
-        record = commit_record(conn, full)
-        if record is None:
-            break
-        chain.append(record)
-        full = record["parent"]
-    return chain
+    """The commits from `full` back to its root, newest first (at most LINEAGE_MAX), in one recursive query."""
+    rows = conn.execute("""WITH RECURSIVE chain(hash, depth) AS (
+                               SELECT ?, 0 UNION ALL
+                               SELECT c.parent_hash, chain.depth + 1 FROM chain JOIN commits c ON c.hash = chain.hash
+                               WHERE c.parent_hash IS NOT NULL AND chain.depth < ?)
+                           SELECT c.hash, c.parent_hash, c.agent_id, c.message, c.created_at
+                           FROM chain JOIN commits c ON c.hash = chain.hash ORDER BY chain.depth""",
+                        (full, LINEAGE_MAX - 1)).fetchall()
+    return [dict(zip(("hash", "parent", "agent", "message", "created_at"), r)) for r in rows]
 
 
 def leaves(conn, limit=LEAVES_SHOWN):
@@ -303,8 +338,9 @@ def draw_chart(platform, s):
                      f"({(base - best) / base:.2%} lower)", fontsize=11)
         records = [r for r in kept if r["record"]][-LABELS_MAX:]
         texts = ["baseline" if r is kept[0] else _shorten(f"{r['description']} ({r['agent']})") for r in records]
-        # glyph-outline widths ('$' escaped: TextPath would read "$...$" as mathtext)
-        widths = [1.05 * TextPath((0, 0), t.replace("$", r"\$"), size=LABEL_SIZE).get_extents().width for t in texts]
+        # widths from the font's metrics (dpi-independent points; ismath=False: '$' is text, not mathtext)
+        font = FontProperties(family="DejaVu Sans", size=LABEL_SIZE)
+        widths = [1.05 * TEXT_TO_PATH.get_text_width_height_descent(t, font, ismath=False)[0] for t in texts]
         gap, a = 4, math.radians(LABEL_ANGLE)
         to_points = 72 / fig.dpi
         anchors = [(px * to_points + gap * math.cos(a), py * to_points + gap * math.sin(a)) for px, py in
@@ -375,7 +411,7 @@ def page(title, body):
 
 
 def render_index(conn, platforms, version):
-    """The dashboard's HTML (str). platforms: platform_runs(conn); version: records_version(conn)."""
+    """The dashboard's HTML (str). platforms: platform_summary(conn); version: records_version(conn)."""
     (n_agents,) = conn.execute("SELECT COUNT(*) FROM agents").fetchone()
     (n_results,) = conn.execute("SELECT COUNT(*) FROM results").fetchone()
     n_commits = version[1]
@@ -388,7 +424,7 @@ def render_index(conn, platforms, version):
             known[short] = hits[0] if len(hits) == 1 else None
         return known.get(short)
 
-    order = sorted(platforms, key=lambda p: (-len(platforms[p]["rows"]), p))
+    order = sorted(platforms, key=lambda p: (-platforms[p]["n_runs"], p))
     out = [f'<header><h1>autoresearch hub</h1><span class="muted">{n_agents} agents · {n_results} results · '
            f'{len(platforms)} platforms · {n_commits} commits · as of {_when(time.time())} UTC</span></header>']
 
@@ -406,7 +442,7 @@ def render_index(conn, platforms, version):
             b = s["best"]
             if b is None:
                 out.append(f'<tr><td>{esc(p)}</td><td class="num">---</td><td></td><td></td><td></td>'
-                           f'<td class="muted">no finished run yet</td><td></td><td class="num">{len(s["rows"])}</td>'
+                           f'<td class="muted">no finished run yet</td><td></td><td class="num">{s["n_runs"]}</td>'
                            '<td class="num">0</td></tr>')
                 continue
             resolve(b["commit"])
@@ -415,8 +451,8 @@ def render_index(conn, platforms, version):
             out.append(f'<tr class="platform"><td><b>{esc(p)}</b></td><td class="num best"><b>{_bpb(b["val_bpb"])}</b></td>'
                        f'<td class="num">{gain:.6f} ({gain / base:.2%})</td><td>{commit_link(b["commit"], resolve(b["commit"]))}</td>'
                        f'<td>{esc(b["agent"])}</td><td class="desc">{esc(b["description"])}</td>'
-                       f'<td class="num">{_bpb(base)}</td><td class="num">{len(s["rows"])}</td>'
-                       f'<td class="num">{len(s["kept"])}</td></tr>')
+                       f'<td class="num">{_bpb(base)}</td><td class="num">{s["n_runs"]}</td>'
+                       f'<td class="num">{s["n_kept"]}</td></tr>')
         out.append("</table>")
     out.append("</section>")
     if order:
@@ -481,8 +517,14 @@ def render_index(conn, platforms, version):
         if not full:
             out.append(f'<p class="muted">Commit <code>{esc(b["commit"])}</code> is not on the hub (never pushed).</p>')
             continue
-        out.append('<ol class="lineage">')
-        for c in lineage(conn, full):
+        chain = lineage(conn, full)
+        out.append(f'<ol class="lineage">')
+        for i, c in enumerate(chain):
+            if LINEAGE_SHOWN <= i < len(chain) - 1:
+                if i == LINEAGE_SHOWN:
+                    out.append(f'<li class="muted">… {len(chain) - 1 - LINEAGE_SHOWN} commits between (follow the '
+                               'parent links on the commit pages) …</li>')
+                continue
             out.append(f'<li>{commit_link(c["hash"], c["hash"])} {esc(c["message"])} <span class="muted">by {esc(c["agent"])}, '
                        f'{_when(c["created_at"])}</span> {results_of(c["hash"])}{"" if c["parent"] else " <i>(root)</i>"}</li>')
         out.append("</ol>")
@@ -590,7 +632,7 @@ def routes(state):
         return []
     need_token = not loopback
     cookie = _cookie_value(read_token) if need_token else None
-    lock = threading.Lock()
+    lock, chart_lock = threading.Lock(), threading.Lock()
     cache = {"index": (None, b""), "platforms": (None, {}), "charts": {}}
 
     def allowed(request):
@@ -618,11 +660,11 @@ def routes(state):
         return endpoint
 
     def current(conn):
-        """(records version, platform summaries), recomputed only when the version changes."""
+        """(records version, platform_summary), recomputed only when the version changes."""
         version = records_version(conn)
         with lock:
             if cache["platforms"][0] != version:
-                cache["platforms"] = (version, platform_runs(conn))
+                cache["platforms"] = (version, platform_summary(conn))
             return cache["platforms"]
 
     def index(request):
@@ -638,18 +680,19 @@ def routes(state):
         platform = request.path_params["platform"]
         with closing(_connect(db_path)) as conn:
             _, platforms = current(conn)
-        s = platforms.get(platform)
-        if s is None:
-            return PlainTextResponse("no such platform\n", status_code=404, headers=HEADERS)
-        etag = f'"{hashlib.sha256(platform.encode()).hexdigest()[:16]}-{s["version"]}"'
+            if platform not in platforms:
+                return PlainTextResponse("no such platform\n", status_code=404, headers=HEADERS)
+            with chart_lock:  # one drawing at a time; the page itself never waits for a chart
+                version, svg, drawn = cache["charts"].get(platform, (None, b"", -math.inf))
+                latest = platforms[platform]["version"]
+                if version != latest and time.monotonic() - drawn >= CHART_REDRAW_S:
+                    s = platform_runs(conn, platform)[platform]
+                    version, svg = s["version"], draw_chart(platform, s)
+                    cache["charts"][platform] = (version, svg, time.monotonic())
+        etag = f'"{hashlib.sha256(platform.encode()).hexdigest()[:16]}-{version}"'
         headers = dict(HEADERS, **{"Content-Security-Policy": SVG_CSP, "ETag": etag})
         if request.headers.get("if-none-match") == etag:
             return Response(status_code=304, headers=headers)
-        with lock:
-            version, svg = cache["charts"].get(platform, (None, b""))
-            if version != s["version"]:
-                svg = draw_chart(platform, s)
-                cache["charts"][platform] = (s["version"], svg)
         return Response(svg, media_type="image/svg+xml", headers=headers)
 
     def commit(request):

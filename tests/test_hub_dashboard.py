@@ -92,6 +92,7 @@ def test_chart_is_svg_cached_and_redrawn_only_when_results_change(hub, tmp_path,
     draws = []
     real = dashboard.draw_chart
     monkeypatch.setattr(dashboard, "draw_chart", lambda p, s: draws.append(p) or real(p, s))
+    monkeypatch.setattr(dashboard, "CHART_REDRAW_S", 0)
     c = client(d)
     r = c.get("/chart/H100.svg")
     assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml"
@@ -112,6 +113,9 @@ def test_chart_is_svg_cached_and_redrawn_only_when_results_change(hub, tmp_path,
                        (line,))
     dashboard.on_post(conn, dict(id=cur.lastrowid, channel="results", agent_id="agent-0", content=line, created_at=2))
     conn.commit()
+    monkeypatch.setattr(dashboard, "CHART_REDRAW_S", 3600)   # drawn a moment ago: the old chart, no draw
+    assert c.get("/chart/H100.svg", headers={"if-none-match": r.headers["etag"]}).status_code == 304
+    monkeypatch.setattr(dashboard, "CHART_REDRAW_S", 0)
     r2 = c.get("/chart/H100.svg", headers={"if-none-match": r.headers["etag"]})
     assert r2.status_code == 200 and b"a huge win" in r2.content and draws == ["H100", "H100"]
     assert "a huge win" in c.get("/").text     # the page follows the new record too

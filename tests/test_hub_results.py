@@ -155,7 +155,8 @@ def test_platform_summary_by_hand(db):
     assert h["best"]["commit"] == "7777777" and h["best"]["agent"] == "bob"
     assert h["n_crash"] == 1 and len(h["finished"]) == 5
     assert s["A100"]["best"]["val_bpb"] == 1.1 and s["A100"]["baseline"] is s["A100"]["best"]
-    html = dashboard.render_index(db, s, dashboard.records_version(db))
+    assert dashboard.platform_summary(db) == summary_of(s)
+    html = dashboard.render_index(db, dashboard.platform_summary(db), dashboard.records_version(db))
     best_table = html[html.index('id="best"'):html.index('id="charts"')]
     assert "0.980000" in best_table and "0.020000 (2.00%)" in best_table   # 1.0 -> 0.98: 2% lower
     assert "depth 10" in best_table and "bob" in best_table and "1.100000" in best_table
@@ -168,6 +169,29 @@ def test_platform_summary_by_hand(db):
             '<td class="num crash">1</td><td class="num unparsed">0</td>') in agents
     assert ('<td>bob</td><td class="num">4</td><td class="num keep">3</td><td class="num discard">0</td>'
             '<td class="num crash">0</td><td class="num unparsed">1</td>') in agents
+
+
+def summary_of(runs):
+    """platform_runs reduced to what platform_summary returns (its rows without the chart's fields)."""
+    keys = ("id", "agent", "commit", "val_bpb", "status", "description")
+    pick = lambda r: {k: r[k] for k in keys} if r else None  # noqa: E731
+    return {p: dict(baseline=pick(s["baseline"]), best=pick(s["best"]), n_runs=s["n_runs"], n_kept=s["n_kept"],
+                    n_crash=s["n_crash"], version=s["version"]) for p, s in runs.items()}
+
+
+def test_platform_summary_equals_the_full_computation_on_a_swarm(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import hub_fill
+    hub_fill.fill(tmp_path, 600, n_agents=7, platforms=("H100", "A100", "CPU", "M4-Max"), seed=3,
+                  extra_posts=[("results", "x", "commit:1234567 platform:TPU val_bpb:--- vram_gb:--- | (CRASH: x)")])
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3")
+    dashboard.init_db(conn)
+    runs = dashboard.platform_runs(conn)
+    assert sorted(runs) == ["A100", "CPU", "H100", "M4-Max", "TPU"] and runs["TPU"]["best"] is None
+    assert dashboard.platform_summary(conn) == summary_of(runs)
+    assert dashboard.platform_runs(conn, "CPU") == {"CPU": runs["CPU"]}
+    conn.close()
 
 
 def test_init_db_backfills_once_and_on_post_ignores_other_channels(tmp_path):
