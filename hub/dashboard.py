@@ -67,7 +67,8 @@ DIFF_MAX_BYTES = 1 << 20   # a `git show` longer than this is cut (train.py diff
 GIT_TIMEOUT_S = 10
 CHART_REDRAW_S = 10        # a chart whose platform has new results is redrawn at most this often (a draw of
                            # 2,500 runs takes about a second of CPU; a busy hub gets several results a second)
-LABELS_MAX = 40            # chart: at most this many (the newest) record-setting runs get a label
+LABELS_MAX = 16            # chart: the baseline and the records that gained most get a label (a swarm sets
+                           # hundreds of records; more labels than this cannot be read)
 LABEL_ANGLE = 30           # degrees, labels run up and to the right (as in analysis.ipynb)
 LABEL_SIZE = 7             # points
 LABEL_CHARS = 40           # longer labels end in an ellipsis
@@ -197,6 +198,7 @@ def platform_runs(conn, platform=None):
         best, running = None, math.inf
         for r in kept:
             r["record"] = r["val_bpb"] < running
+            r["gain"] = running - r["val_bpb"] if r["record"] and running < math.inf else 0.0
             running = min(running, r["val_bpb"])
             r["running_best"] = running
             if r["record"]:
@@ -302,9 +304,10 @@ def draw_chart(platform, s):
     """The progress chart of one platform as SVG bytes.
 
     s: platform_runs(...)[platform]. Like analysis.ipynb: finished runs as dots (discarded faint grey, kept
-    green), the running best as a step line, each kept improvement (a run that lowered the running best)
-    labelled with its description and agent; crashes are counted in the legend, not drawn. The y-axis spans
-    the kept line, so a discarded run far worse than the baseline falls off the top (the legend says how many).
+    green), the running best as a step line, kept improvements (runs that lowered the running best) labelled
+    with description and agent: the baseline and the LABELS_MAX - 1 that gained most. Crashes are counted in
+    the legend, not drawn. The y-axis spans the kept line, so a discarded run far worse than the baseline falls
+    off the top (the legend says how many).
     """
     kept, rows = s["kept"], s["rows"]
     fig = Figure(figsize=(10, 4.6), dpi=72)
@@ -336,7 +339,8 @@ def draw_chart(platform, s):
         ax.set_ylim(best - 0.06 * span, top + 0.25 * span)
         ax.set_title(f"{platform}: {len(rows)} runs, {len(kept)} kept; val_bpb {base:.6f} -> {best:.6f} "
                      f"({(base - best) / base:.2%} lower)", fontsize=11)
-        records = [r for r in kept if r["record"]][-LABELS_MAX:]
+        top = sorted((r for r in kept[1:] if r["record"]), key=lambda r: -r["gain"])[:LABELS_MAX - 1]
+        records = [kept[0]] + sorted(top, key=lambda r: r["x"])
         texts = ["baseline" if r is kept[0] else _shorten(f"{r['description']} ({r['agent']})") for r in records]
         # widths from the font's metrics (dpi-independent points; ismath=False: '$' is text, not mathtext)
         font = FontProperties(family="DejaVu Sans", size=LABEL_SIZE)
