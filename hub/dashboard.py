@@ -21,8 +21,9 @@ redirects to the same page without the token in the address), or send `Authoriza
 token>`. A hub on another address without a read token does not mount the pages at all. No page ever shows
 an API key or its hash.
 
-Speed: the page and each chart are cached and rebuilt only when the records change (a new post or commit);
-a cached page is served without touching matplotlib. bench/hub_page.py measures it.
+Speed: the page is cached and rebuilt only when the records change (a new post or commit), from a few
+indexed queries; a chart is redrawn only when its platform has new results, and at most every CHART_REDRAW_S
+seconds (a draw costs about a second with thousands of runs). bench/hub_page.py measures both.
 """
 
 import hashlib

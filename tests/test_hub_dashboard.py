@@ -182,3 +182,48 @@ def test_empty_hub_renders(tmp_path):
     os.makedirs(tmp_path / "repo.git")
     html = client(tmp_path).get("/").text
     assert "No results yet" in html and "No commits pushed yet" in html and "discussion</code> yet" in html
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the hub server itself (hub/server.py calls init_db, on_post and routes)
+
+
+def server_app(d, **kwargs):
+    server = pytest.importorskip("hub.server", reason="hub/server.py is not in this checkout")
+    return server.create_app(str(d), **kwargs)
+
+
+def test_server_parses_each_post_once_in_its_transaction(tmp_path):
+    c = TestClient(server_app(tmp_path), follow_redirects=False)
+    key = c.post("/api/register", json={"id": "ann"}).json()["api_key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    for name in ("results", "discussion"):
+        c.post("/api/channels", json={"name": name, "description": ""}, headers=auth)
+    lines = ["commit:a1b2c3d platform:H100 val_bpb:0.997900 vram_gb:44.0 | baseline",
+             "commit:b2c3d4e platform:H100 val_bpb:--- vram_gb:--- | bigger (CRASH: OOM)",
+             "this is not a result line <script>alert(1)</script>"]
+    for line in lines:
+        assert c.post("/api/channels/results/posts", json={"content": line}, headers=auth).status_code in (200, 201)
+    c.post("/api/channels/discussion/posts", json={"content": "hello"}, headers=auth)
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3")
+    assert conn.execute("SELECT status, agent_id FROM results ORDER BY id").fetchall() == [
+        ("keep", "ann"), ("crash", "ann"), ("unparsed", "ann")]
+    conn.close()
+    html = c.get("/").text
+    assert "0.997900" in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and key not in html
+    # a restart parses nothing twice
+    server_app(tmp_path)
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3")
+    assert conn.execute("SELECT COUNT(*) FROM results").fetchone() == (3,)
+    conn.close()
+
+
+def test_server_on_another_address(tmp_path, caplog):
+    app = server_app(tmp_path / "a", host="0.0.0.0", invite_token="inv")
+    assert TestClient(app).get("/").status_code == 404          # no read token: no dashboard at all
+    assert "not mounted" in caplog.text
+    c = TestClient(server_app(tmp_path / "b", host="0.0.0.0", invite_token="inv", read_token="rt"),
+                   follow_redirects=False)
+    assert c.get("/").status_code == 401
+    assert c.get("/", headers={"Authorization": "Bearer inv"}).status_code == 401   # the invite token is not it
+    assert c.get("/", headers={"Authorization": "Bearer rt"}).status_code == 200
