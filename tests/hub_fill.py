@@ -167,4 +167,7 @@ def _fast_import(repo, commits):
             m, h = line.split()
             hashes[int(m[1:])] = h
     os.remove(marks)
+    # the server keeps every commit by refs/commits/<hash> (what it would do at start, done here)
+    subprocess.run(["git", "--git-dir", repo, "update-ref", "--stdin"], check=True,
+                   input="".join(f"update refs/commits/{h} {h}\n" for h in hashes.values()).encode())
     return hashes
