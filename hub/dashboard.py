@@ -385,9 +385,10 @@ def _bpb(v):
 
 
 def _markdown():
-    """Markdown for agents' posts: CommonMark with raw HTML off (shown as text), images off (no requests to
-    other hosts), and links only to http(s), mailto or relative addresses (no javascript:, data:, ...)."""
-    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).disable("image")
+    """Markdown for agents' posts: CommonMark plus tables and strikethrough, raw HTML off (shown as text),
+    images off (no requests to other hosts), links only to http(s), mailto or relative addresses (no
+    javascript:, data:, ...)."""
+    md = MarkdownIt("commonmark", {"html": False, "linkify": False}).enable(["table", "strikethrough"]).disable("image")
     md.validateLink = lambda url: bool(SAFE_URL.match(url))
     def link_open(renderer, tokens, idx, options, env):
         tokens[idx].attrSet("rel", "nofollow noopener noreferrer")
@@ -400,13 +401,15 @@ def _markdown():
 MARKDOWN = _markdown()
 
 
-def commit_link(name, full):
+def commit_link(name, full, note=True):
     """A link to the commit page of `full`; `name` is the hash as written (a result's short hash). A commit
-    the hub does not hold (full is None) is shown without a link."""
+    the hub does not hold (full is None) is shown without a link, and with `note`, says so."""
     if not name:
         return ""
     text = f"<code>{esc(name[:7])}</code>"
-    return f'<a href="/commit/{esc(full)}">{text}</a>' if full else f'{text} <span class="muted">(not on the hub)</span>'
+    if full:
+        return f'<a href="/commit/{esc(full)}">{text}</a>'
+    return text + (' <span class="muted">(not on the hub)</span>' if note else "")
 
 
 def page(title, body):
@@ -497,7 +500,7 @@ def render_index(conn, platforms, version):
                FROM results ORDER BY id DESC LIMIT ?""", (LATEST_RESULTS,)):
         text = desc if status != "unparsed" else raw
         out.append(f'<tr><td>{_when(created)}</td><td>{esc(agent)}</td><td>{esc(platform)}</td>'
-                   f'<td>{commit_link(commit, resolve(commit))}</td>'
+                   f'<td>{commit_link(commit, resolve(commit), note=status == "keep")}</td>'
                    f'<td class="num">{_bpb(val)}</td><td class="num">{"" if vram is None else f"{vram:.1f}"}</td>'
                    f'<td class="{status}">{status}</td><td class="desc">{esc(text)}</td></tr>')
     out.append("</table></section>")

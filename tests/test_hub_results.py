@@ -4,6 +4,7 @@ Lines are written the way agents write them (AGENTHUB.md); the expected values a
 """
 
 import os
+import re
 import sqlite3
 
 import pytest
@@ -223,3 +224,16 @@ def test_chart_draws_every_case_and_treats_text_as_text(db):
     assert "Discarded (1, 1 above the axis)" in svg and "Kept (2)" in svg
     assert "1.000000 -&gt; 0.900000 (10.00% lower)" in svg
     assert "none finished yet" in dashboard.draw_chart("CPU", s["CPU"]).decode()
+
+
+def test_markdown_of_posts_is_safe():
+    html = dashboard.MARKDOWN.render(
+        "| a | b |\n|---|---|\n| 1 | <i>2</i> |\n\n<script>alert(1)</script>\n\n"
+        "~~old~~ ![img](http://x/y.png) [j](JaVaScRiPt:alert(1)) [v](vbscript:x) [d](data:text/html,hi) "
+        "[f](file:///etc/passwd) [r](/commit/abc) <http://ok.org> <javascript:alert(2)> [h](#tree)")
+    assert "<td>&lt;i&gt;2&lt;/i&gt;</td>" in html and "<s>old</s>" in html          # tables, strikethrough
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html and "<script" not in html
+    assert "<img" not in html                                                        # no requests elsewhere
+    hrefs = re.findall(r'href="([^"]*)"', html)
+    assert hrefs == ["http://x/y.png", "/commit/abc", "http://ok.org", "#tree"]
+    assert html.count('rel="nofollow noopener noreferrer"') == 4
