@@ -446,12 +446,13 @@ def check_changes(hub, env, parent, commit):
     """Refuse a commit that touches anything but train.py, or makes train.py other than a regular file."""
     raw = git(hub.repo, "diff-tree", "-r", "--no-renames", "-z", parent, commit, env=env).decode(errors="replace")
     fields = raw.split("\0")
-    for meta, path in zip(fields[0::2], fields[1::2]):
-        new_mode = meta.split()[1] if meta.startswith(":") else ""
+    changes = [(meta.split()[1], path) for meta, path in zip(fields[0::2], fields[1::2])]
+    for _, path in changes:
         if path not in EDITABLE:
             raise HubError(422, f"commit {commit[:7]} changes {path}: only train.py may change (prepare.py "
                                 "holds the metric)")
-        if new_mode not in ("100644", "100755"):
+    for mode, path in changes:
+        if mode not in ("100644", "100755"):
             raise HubError(422, f"commit {commit[:7]} makes {path} something other than a regular file")
 
 
