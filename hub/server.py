@@ -174,9 +174,10 @@ class Hub:
         os.makedirs(self.tmp)
         if not os.path.isdir(self.repo):
             subprocess.run(["git", "init", "--quiet", "--bare", self.repo], check=True)
-            for key, value in [("core.hooksPath", "/dev/null"), ("core.fsync", "all"), ("core.fsyncMethod", "fsync"),
-                               ("gc.auto", "0"), ("core.logAllRefUpdates", "false")]:
-                git(self.repo, "config", key, value)
+        # at every start: a repository restored from a `git clone --mirror` backup gets them too
+        for key, value in [("core.hooksPath", "/dev/null"), ("core.fsync", "all"), ("core.fsyncMethod", "fsync"),
+                           ("gc.auto", "0"), ("core.logAllRefUpdates", "false")]:
+            git(self.repo, "config", key, value)
         self.writer = connect(self.db_path)
         self.writer.executescript(SCHEMA)
         self.recover()

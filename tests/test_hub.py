@@ -7,6 +7,7 @@ tests/test_hub_durability.py.
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -511,3 +512,36 @@ def test_restart_drops_refs_without_a_record_and_restores_missing_refs(make_hub,
     assert os.listdir(tmp_path / "data" / "tmp") == []
     assert len(hub2.get("/api/git/commits", headers=auth).json()) == 2
     assert json.loads(hub2.get(f"/api/git/commits/{root}/children", headers=auth).text)[0]["hash"] == child
+
+
+def test_backup_commands_of_the_readme_restore_a_working_hub(tmp_path):
+    """The README's backup block, run as written against a hub in $HOME/agenthub; the copy restarts whole."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```", readme, re.MULTILINE | re.DOTALL) if "--mirror" in b]
+    home = tmp_path / "home"
+    hub = TestClient(server.create_app(str(home / "agenthub")))
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    hub.post("/api/channels/results/posts", json={"content": "before the backup"}, headers=auth)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    push(hub, auth, bundle(repo))
+    result = subprocess.run(["bash", "-c", block], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    hub.post("/api/channels/results/posts", json={"content": "after the backup"}, headers=auth)
+    hub.close()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    os.replace(home / "agenthub-backup.sqlite3", restored / "hub.sqlite3")
+    os.replace(home / "agenthub-backup.git", restored / "repo.git")
+    copy = TestClient(server.create_app(str(restored)))
+    assert [p["content"] for p in copy.get("/api/channels/results/posts", headers=auth).json()] == ["before the backup"]
+    assert [c["hash"] for c in copy.get("/api/git/commits", headers=auth).json()] == [root]
+    fetched = copy.get(f"/api/git/fetch/{root}", headers=auth)
+    assert fetched.status_code == 200
+    assert run_git(restored / "repo.git", "config", "core.hooksPath") == "/dev/null"
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "child")
+    assert [r["hash"] for r in push(copy, auth, bundle(repo)).json()["added"]] == [child]
+    copy.close()
