@@ -166,9 +166,11 @@ class Hub:
         self.invite_token, self.read_token = invite_token, read_token
         self.loopback = is_loopback(host)
         self.limits = dict(LIMITS, **(limits or {}))
-        self.write_lock = threading.Lock()
+        self.write_lock = threading.Lock()  # one SQLite writer at a time
+        self.git_lock = threading.Lock()    # one push moving objects and refs in at a time (repacks too)
         self.local = threading.local()
         self.buckets, self.bucket_lock = {}, threading.Lock()
+        self.pushes = 0
         os.makedirs(self.data, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)  # quarantines of pushes that never finished
         os.makedirs(self.tmp)
@@ -387,9 +389,9 @@ def push(hub, agent_id, data):
                 record["prepare_py"] = prepare_of.get(parents[0]) or parent_prepare(hub, parents[0])
             prepare_of[commit] = record["prepare_py"]
             records.append(record)
-        with hub.write_lock:
+        with hub.git_lock:  # posts only wait for the record insert, never for git
             # another push may have brought some of them meanwhile: keep only what is still new
-            known = known_commits(hub.writer, [r["hash"] for r in records])
+            known = known_commits(hub.reader(), [r["hash"] for r in records])
             records = [r for r in records if r["hash"] not in known]
             if records:
                 move_objects(hub, quarantine)
@@ -397,21 +399,22 @@ def push(hub, agent_id, data):
                 refs = "".join(f"update refs/commits/{r['hash']} {r['hash']}\n" for r in records)
                 git(hub.repo, "update-ref", "--stdin", input=refs.encode())
                 crash_point("push:refs")
-                now = time.time()
-                conn = hub.writer
-                conn.execute("BEGIN IMMEDIATE")
-                try:
-                    for r in records:
-                        r["created_at"] = now
-                        conn.execute(f"INSERT INTO commits({COMMIT_FIELDS}) VALUES (?, ?, ?, ?, ?, ?)",
-                                     tuple(r[k] for k in COMMIT_FIELDS.split(", ")))
-                    conn.execute("COMMIT")
-                except BaseException:
-                    conn.execute("ROLLBACK")
-                    raise
+                with hub.write_lock:
+                    now = time.time()
+                    conn = hub.writer
+                    conn.execute("BEGIN IMMEDIATE")
+                    try:
+                        for r in records:
+                            r["created_at"] = now
+                            conn.execute(f"INSERT INTO commits({COMMIT_FIELDS}) VALUES (?, ?, ?, ?, ?, ?)",
+                                         tuple(r[k] for k in COMMIT_FIELDS.split(", ")))
+                        conn.execute("COMMIT")
+                    except BaseException:
+                        conn.execute("ROLLBACK")
+                        raise
                 crash_point("push:committed")
-                hub.pushes = getattr(hub, "pushes", 0) + 1
-                if hub.pushes % REPACK_EVERY == 0:
+                hub.pushes += 1
+                if hub.pushes % REPACK_EVERY == 0:  # one pack per push would slow every object lookup
                     git(hub.repo, "repack", "-a", "-d", "-q")
                     git(hub.repo, "pack-refs", "--all")
         return {"added": records}
@@ -509,7 +512,7 @@ async def read_body(request, limit):
 async def read_json(request, limit):
     try:
         body = json.loads(await read_body(request, limit))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise HubError(400, "body is not valid JSON") from None
     if not isinstance(body, dict):
         raise HubError(400, "body must be a JSON object")

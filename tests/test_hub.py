@@ -101,6 +101,7 @@ def test_register_refuses_a_taken_name(hub):
 def test_register_refuses_bodies_that_are_not_json_objects_or_too_large(hub):
     assert hub.post("/api/register", content=b"{nope").status_code == 400
     assert hub.post("/api/register", json=["alpha"]).status_code == 400
+    assert hub.post("/api/register", content=b"[" * 50000).status_code == 400  # nesting deeper than json allows
     answer = hub.post("/api/register", content=b'{"id": "' + b"a" * (70 << 10) + b'"}')
     assert answer.status_code == 413 and "larger" in answer.json()["error"]
 
@@ -297,6 +298,26 @@ def test_push_records_the_new_commits_and_keeps_them_in_git(hub, tmp_path):
     assert run_git(git_dir, "show", f"{grandchild}:train.py") == "LR = 0.06"
     subprocess.run(["git", "--git-dir", str(git_dir), "fsck", "--strict"], check=True, capture_output=True)
     assert os.listdir(tmp_path / "data" / "tmp") == []
+
+
+def test_pushes_are_repacked_now_and_then(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(server, "REPACK_EVERY", 2)
+    auth = register(hub)
+    repo = tmp_path / "a"
+    hashes = [baseline_repo(repo)]
+    push(hub, auth, bundle(repo))
+    pack_dir = tmp_path / "data" / "repo.git" / "objects" / "pack"
+    for i in range(3):
+        hashes.append(commit_file(repo, "train.py", f"LR = {i}\n", f"step {i}"))
+        assert push(hub, auth, bundle(repo)).status_code == 200
+        packs = [n for n in os.listdir(pack_dir) if n.endswith(".pack")]
+        assert len(packs) == (1 if i % 2 == 0 else 2)  # after pushes 2 and 4: one pack
+    assert hub_refs(tmp_path) == sorted(f"refs/commits/{h}" for h in hashes)
+    fresh = tmp_path / "fresh"
+    run_git(tmp_path, "init", "-q", str(fresh))
+    (fresh / "x.bundle").write_bytes(hub.get(f"/api/git/fetch/{hashes[-1]}", headers=auth).content)
+    run_git(fresh, "bundle", "unbundle", "x.bundle")
+    assert run_git(fresh, "rev-list", hashes[-1]).split() == hashes[::-1]
 
 
 def test_push_may_leave_out_commits_the_hub_has(hub, tmp_path):
