@@ -46,6 +46,7 @@ or post too large, 422 a push that breaks a rule (merge commit, a change to a fi
 """
 
 import argparse
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -171,6 +172,9 @@ class Hub:
         self.local = threading.local()
         self.buckets, self.bucket_lock = {}, threading.Lock()
         self.pushes = 0
+        # a commit's history never changes, so neither does its bundle: many agents fetch the same baseline
+        self.bundle_of = functools.lru_cache(maxsize=32)(
+            lambda commit: git(self.repo, "bundle", "create", "-q", "-", f"refs/commits/{commit}"))
         os.makedirs(self.data, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)  # quarantines of pushes that never finished
         os.makedirs(self.tmp)
@@ -548,8 +552,7 @@ def make_routes(hub):
 
     async def do_fetch(request, _):
         def bundle():
-            commit = resolve(hub.reader(), request.path_params["hash"])
-            return git(hub.repo, "bundle", "create", "-q", "-", f"refs/commits/{commit}")
+            return hub.bundle_of(resolve(hub.reader(), request.path_params["hash"]))
         return Response(await run_in_threadpool(bundle), media_type="application/octet-stream")
 
     async def do_commits(request, _):
