@@ -179,7 +179,7 @@ def test_empty_hub_renders(tmp_path):
     conn = hub_fill.connect(tmp_path)
     dashboard.init_db(conn)
     conn.close()
-    os.makedirs(tmp_path / "repo.git")
+    os.makedirs(tmp_path / "repo.git", exist_ok=True)
     html = client(tmp_path).get("/").text
     assert "No results yet" in html and "No commits pushed yet" in html and "discussion</code> yet" in html
 
