@@ -29,6 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
 SERVER = os.path.join(ROOT, "hub", "server.py")
 KEPT_GREEN = (0x2E, 0x9E, 0x44)   # the kept runs' dots: drawn only in the charts
+PATIENCE_S = 600                   # generous: on a shared, loaded machine a hub start or a page load can take minutes
 SCRIPT_POST = "Found it! <script>document.write('XSS'+'RAN')</script> **warmdown 0.3** beats 0.5 on H100"
 
 pytestmark = [
@@ -49,7 +50,7 @@ def chromium(tmp_path, *args):
     cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
            "--no-first-run", "--mute-audio", f"--user-data-dir={tmp_path / 'chromium-profile'}",
            "--window-size=1280,800", *args]
-    proc = subprocess.run(cmd, capture_output=True, timeout=180)
+    proc = subprocess.run(cmd, capture_output=True, timeout=PATIENCE_S)
     assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
     return proc.stdout.decode()
 
@@ -67,22 +68,24 @@ def live_hub(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
+        deadline = time.monotonic() + PATIENCE_S
+        while True:
             try:
-                requests.get(base + "/api/git/leaves", timeout=5)
+                requests.get(base + "/api/git/leaves", timeout=PATIENCE_S)
                 break
             except requests.ConnectionError:
                 assert proc.poll() is None, (tmp_path / "hub.log").read_text()
+                assert time.monotonic() < deadline, "the hub did not answer"
                 time.sleep(0.1)
         # while it runs, an agent registers and posts through the API: parsed on the way in
-        key = requests.post(base + "/api/register", json={"id": "live-agent"}, timeout=10).json()["api_key"]
+        key = requests.post(base + "/api/register", json={"id": "live-agent"}, timeout=PATIENCE_S).json()["api_key"]
         auth = {"Authorization": f"Bearer {key}"}
         record = round(summary["best"]["A100"][0] - 0.000912, 6)   # a new best on A100, posted live
         for channel, content in [("discussion", SCRIPT_POST),
                                  ("results", f"commit:abcdef0 platform:A100 val_bpb:{record:.6f} vram_gb:41.5 | "
                                              "live record <b>bold?</b>")]:
             r = requests.post(f"{base}/api/channels/{channel}/posts", json={"content": content}, headers=auth,
-                              timeout=10)
+                              timeout=PATIENCE_S)
             assert r.status_code in (200, 201), r.text
         summary["best"]["A100"] = (record, "abcdef0", "live-agent", "live record <b>bold?</b>")
         yield base, summary, key
@@ -124,7 +127,7 @@ def test_page_in_headless_chromium(live_hub, tmp_path):
     assert green.sum() >= 50 and rows.min() > 120, (green.sum(), rows[:5])
     # each chart is the SVG of its platform: its title ends at the platform's best
     for platform, (val, *_) in summary["best"].items():
-        assert f"-&gt; {val:.6f}" in requests.get(f"{base}/chart/{platform}.svg", timeout=60).text
+        assert f"-&gt; {val:.6f}" in requests.get(f"{base}/chart/{platform}.svg", timeout=PATIENCE_S).text
     target = os.environ.get("AUTORESEARCH_HUB_SCREENSHOT")
     if target:
         shutil.copyfile(shot, os.path.join(ROOT, target) if not os.path.isabs(target) else target)
