@@ -177,6 +177,29 @@ def attention(q, k, v, window):
     return y.transpose(1, 2)
 
 
+def fit_device_batch(batch_size, total_memory, config, num_params):
+    """Halve batch_size until the predicted peak memory of a training step fits in 90% of total_memory.
+
+    Decided before the first step (not by catching out-of-memory errors, which would come after compiling).
+    Predicted peak, in bytes: 16 per parameter (weights, gradients, two optimizer states) plus, per token,
+    what the compiled forward keeps for the backward: 42 * n_layer * n_embd + 8 * vocab_size, fitted by
+    bench/simulate_gpu.py to torch.compile's own partition of the step (41.2 and 8.0 there). That is 34% above
+    the reference's measured 45,060 MB at batch 128 on an H100, which keeps 128 (see bench/RESULTS.md).
+    total_memory: bytes, or None (not CUDA: keep batch_size). Returns batch_size // 2**k, at least 1, and
+    prints one line when that differs from batch_size (main() keeps TOTAL_BATCH_SIZE by gradient accumulation).
+    """
+    per_token = 42 * config.n_layer * config.n_embd + 8 * config.vocab_size
+    predict = lambda b: 16 * num_params + b * config.sequence_len * per_token  # noqa: E731
+    fitted = batch_size
+    while total_memory is not None and fitted > 1 and predict(fitted) > 0.9 * total_memory:
+        fitted //= 2
+    if fitted != batch_size:
+        print(f"DEVICE_BATCH_SIZE {batch_size} -> {fitted}: {batch_size} would need ~{predict(batch_size) / 2**30:.1f} GiB "
+              f"of this GPU's {total_memory / 2**30:.1f} GiB, {fitted} ~{predict(fitted) / 2**30:.1f} GiB; "
+              f"TOTAL_BATCH_SIZE kept by gradient accumulation")
+    return fitted
+
+
 # ---------------------------------------------------------------------------
 # GPT model
 # ---------------------------------------------------------------------------
@@ -590,7 +613,9 @@ def main():
     num_flops_per_token = model.estimate_flops()
     print(f"Parameters: {num_params:,}; FLOPs per token: {num_flops_per_token:e}")
 
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    total_memory = torch.cuda.get_device_properties(device).total_memory if ON_CUDA else None
+    device_batch_size = fit_device_batch(DEVICE_BATCH_SIZE, total_memory, config, num_params)
+    tokens_per_fwdbwd = device_batch_size * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
@@ -600,7 +625,7 @@ def main():
     if USE_COMPILE:
         model = torch.compile(model, dynamic=False)
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")
+    train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train")
     x, y, epoch = next(train_loader)  # first batch
     print(f"Time budget: {TIME_BUDGET}s; gradient accumulation steps: {grad_accum_steps}")
 
@@ -662,7 +687,7 @@ def main():
     total_tokens = step * TOTAL_BATCH_SIZE
     model.eval()
     with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
 
     t_end = time.time()
     counted = TOTAL_BATCH_SIZE * (step - 10)
