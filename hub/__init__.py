@@ -1,0 +1,1 @@
+"""The agenthub edition's hub: a server many autoresearch agents share (see hub/server.py)."""

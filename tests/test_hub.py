@@ -1,0 +1,568 @@
+"""The hub server (hub/server.py): every endpoint, its errors and limits, each rule refusing, recovery.
+
+In process through Starlette's TestClient; the crash and load tests with a real server are in
+tests/test_hub_durability.py.
+"""
+
+import hashlib
+import json
+import os
+import re
+import sqlite3
+import subprocess
+import sys
+
+import pytest
+from starlette.testclient import TestClient
+
+from hub import server
+from hub_helpers import ROOT, baseline_repo, bundle, commit_file, run_git
+
+
+@pytest.fixture
+def make_hub(tmp_path):
+    """make_hub(**create_app options) -> TestClient over a fresh data directory (tmp_path/data)."""
+    clients = []
+
+    def make(**options):
+        client = TestClient(server.create_app(str(tmp_path / "data"), **options))
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
+
+
+@pytest.fixture
+def hub(make_hub):
+    return make_hub()
+
+
+def register(client, name="alpha"):
+    answer = client.post("/api/register", json={"id": name})
+    assert answer.status_code == 201, answer.text
+    return {"Authorization": "Bearer " + answer.json()["api_key"]}
+
+
+def push(client, auth, data):
+    return client.post("/api/git/push", content=data, headers=auth)
+
+
+def db(tmp_path):
+    conn = sqlite3.connect(tmp_path / "data" / "hub.sqlite3")
+    conn.row_factory = sqlite3.Row
+    return conn
+
+
+def hub_refs(tmp_path):
+    out = run_git(tmp_path / "data" / "repo.git", "for-each-ref", "--format=%(refname)")
+    return sorted(out.split())
+
+
+def object_count(tmp_path):
+    out = run_git(tmp_path / "data" / "repo.git", "count-objects", "-v")
+    counts = dict(line.split(": ") for line in out.splitlines())
+    return int(counts["count"]) + int(counts["in-pack"])
+
+
+# ---------------------------------------------------------------------------
+# Registration and keys
+# ---------------------------------------------------------------------------
+
+def test_register_returns_a_key_stored_only_as_its_hash(hub, tmp_path):
+    answer = hub.post("/api/register", json={"id": "alpha-1.B_2"})
+    assert answer.status_code == 201
+    body = answer.json()
+    assert set(body) == {"id", "api_key"} and body["id"] == "alpha-1.B_2" and len(body["api_key"]) >= 40
+    (row,) = db(tmp_path).execute("SELECT * FROM agents").fetchall()
+    assert row["id"] == "alpha-1.B_2"
+    assert row["key_hash"] == hashlib.sha256(body["api_key"].encode()).hexdigest()
+    for name in os.listdir(tmp_path / "data"):  # the key itself is nowhere on disk
+        if os.path.isfile(tmp_path / "data" / name):
+            assert body["api_key"].encode() not in (tmp_path / "data" / name).read_bytes()
+    other = hub.post("/api/register", json={"id": "beta"}).json()["api_key"]
+    assert other != body["api_key"]
+
+
+@pytest.mark.parametrize("body", [{"id": ""}, {"id": "a/b"}, {"id": "-x"}, {"id": "x" * 65}, {"id": 7}, {},
+                                  {"id": "naïve"}, {"id": "a b"}])
+def test_register_refuses_bad_names(hub, body):
+    answer = hub.post("/api/register", json=body)
+    assert answer.status_code == 400 and "id:" in answer.json()["error"]
+
+
+def test_register_refuses_a_taken_name(hub):
+    register(hub, "alpha")
+    answer = hub.post("/api/register", json={"id": "alpha"})
+    assert answer.status_code == 409 and "taken" in answer.json()["error"]
+
+
+def test_register_refuses_bodies_that_are_not_json_objects_or_too_large(hub):
+    assert hub.post("/api/register", content=b"{nope").status_code == 400
+    assert hub.post("/api/register", json=["alpha"]).status_code == 400
+    assert hub.post("/api/register", content=b"[" * 50000).status_code == 400  # nesting deeper than json allows
+    answer = hub.post("/api/register", content=b'{"id": "' + b"a" * (70 << 10) + b'"}')
+    assert answer.status_code == 413 and "larger" in answer.json()["error"]
+
+
+def test_invite_token_is_required_when_given(make_hub):
+    hub = make_hub(invite_token="s3cret")
+    assert hub.post("/api/register", json={"id": "alpha"}).status_code == 403
+    wrong = hub.post("/api/register", json={"id": "alpha"}, headers={"X-Invite-Token": "s3cres"})
+    assert wrong.status_code == 403 and "invite" in wrong.json()["error"]
+    assert hub.post("/api/register", json={"id": "alpha"}, headers={"X-Invite-Token": "s3cret"}).status_code == 201
+
+
+def test_server_refuses_a_public_address_without_an_invite_token(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hub", "server.py"), "--data", str(tmp_path / "d"),
+                             "--port", "1", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--invite-token" in result.stderr
+    assert not (tmp_path / "d").exists()
+
+
+def test_is_loopback():
+    assert all(server.is_loopback(h) for h in ("127.0.0.1", "127.5.0.1", "::1", "localhost"))
+    assert not any(server.is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.com"))
+
+
+@pytest.mark.parametrize("header", [None, "Bearer", "Bearer ", "Basic abc", "Bearer wrong-key", "wrong-key"])
+def test_every_endpoint_but_register_needs_a_valid_key(hub, header):
+    register(hub)
+    headers = {"Authorization": header} if header else {}
+    for method, path in [("POST", "/api/git/push"), ("GET", "/api/git/fetch/abcd"), ("GET", "/api/git/commits"),
+                         ("GET", "/api/git/leaves"), ("GET", "/api/git/commits/abcd/children"),
+                         ("GET", "/api/git/diff/abcd/abcd"), ("POST", "/api/channels"), ("GET", "/api/channels"),
+                         ("POST", "/api/channels/results/posts"), ("GET", "/api/channels/results/posts")]:
+        answer = hub.request(method, path, headers=headers)
+        assert answer.status_code == 401, (method, path)
+        assert "error" in answer.json()
+
+
+def test_unknown_paths_answer_json_404(hub):
+    answer = hub.get("/api/nothing")
+    assert answer.status_code == 404 and answer.json() == {"error": "Not Found"}
+
+
+# ---------------------------------------------------------------------------
+# Rate limits
+# ---------------------------------------------------------------------------
+
+def test_requests_per_key_are_rate_limited_with_retry_after(make_hub):
+    hub = make_hub(limits={"rate": 0.01, "burst": 3})
+    alpha, beta = register(hub, "alpha"), register(hub, "beta")
+    for _ in range(3):
+        assert hub.get("/api/channels", headers=alpha).status_code == 200
+    answer = hub.get("/api/channels", headers=alpha)
+    assert answer.status_code == 429 and "rate" in answer.json()["error"]
+    assert 1 <= int(answer.headers["Retry-After"]) <= 100
+    assert hub.get("/api/channels", headers=beta).status_code == 200  # per key
+
+
+def test_pushes_and_registrations_have_their_own_limits(make_hub, tmp_path):
+    hub = make_hub(limits={"push_rate": 0.01, "push_burst": 1, "register_rate": 0.01, "register_burst": 2})
+    alpha = register(hub, "alpha")
+    register(hub, "beta")
+    answer = hub.post("/api/register", json={"id": "gamma"})
+    assert answer.status_code == 429 and int(answer.headers["Retry-After"]) >= 1
+    repo = tmp_path / "a"
+    baseline_repo(repo)
+    assert push(hub, alpha, bundle(repo)).status_code == 200
+    answer = push(hub, alpha, bundle(repo))
+    assert answer.status_code == 429 and int(answer.headers["Retry-After"]) >= 1
+    assert hub.get("/api/git/leaves", headers=alpha).status_code == 200  # other requests still go
+
+
+def test_token_bucket_refills_at_its_rate(hub):
+    state = hub.app.state.hub
+    assert [state.take("k", 1000.0, 2) for _ in range(2)] == [None, None]
+    wait = state.take("k", 1000.0, 2)
+    assert wait is not None and 0 < wait <= 0.001
+    state.buckets["k"] = (0.0, state.buckets["k"][1] - 0.002)  # 2 ms later: two tokens back
+    assert state.take("k", 1000.0, 2) is None
+
+
+# ---------------------------------------------------------------------------
+# Channels and posts
+# ---------------------------------------------------------------------------
+
+def test_channels_create_list_and_409(hub):
+    auth = register(hub)
+    answer = hub.post("/api/channels", json={"name": "results", "description": "one line per run"}, headers=auth)
+    assert answer.status_code == 201
+    channel = answer.json()
+    assert {k: channel[k] for k in ("name", "description", "created_by")} == {
+        "name": "results", "description": "one line per run", "created_by": "alpha"}
+    assert isinstance(channel["created_at"], float)
+    assert hub.post("/api/channels", json={"name": "discussion"}, headers=auth).status_code == 201
+    again = hub.post("/api/channels", json={"name": "results", "description": "x"}, headers=auth)
+    assert again.status_code == 409 and "exists" in again.json()["error"]
+    listed = hub.get("/api/channels", headers=auth).json()
+    assert [c["name"] for c in listed] == ["discussion", "results"]
+    assert listed[1]["description"] == "one line per run"
+
+
+@pytest.mark.parametrize("body,status", [({"name": "Results"}, 400), ({"name": "a" * 33}, 400), ({"name": "a/b"}, 400),
+                                         ({"name": "_x"}, 400), ({}, 400), ({"name": "ok", "description": 3}, 400),
+                                         ({"name": "ok", "description": "d" * 501}, 413)])
+def test_channel_names_and_descriptions_are_limited(hub, body, status):
+    answer = hub.post("/api/channels", json=body, headers=register(hub))
+    assert answer.status_code == status and "error" in answer.json()
+
+
+def test_number_of_channels_is_limited(make_hub):
+    hub = make_hub(limits={"channels": 2})
+    auth = register(hub)
+    for name in ("a", "b"):
+        assert hub.post("/api/channels", json={"name": name}, headers=auth).status_code == 201
+    answer = hub.post("/api/channels", json={"name": "c"}, headers=auth)
+    assert answer.status_code == 403 and "limit" in answer.json()["error"]
+
+
+def test_posts_create_and_read_newest_first(hub):
+    alpha, beta = register(hub, "alpha"), register(hub, "beta")
+    hub.post("/api/channels", json={"name": "results"}, headers=alpha)
+    sent = []
+    for i in range(7):
+        auth = alpha if i % 2 == 0 else beta
+        answer = hub.post("/api/channels/results/posts", json={"content": f"run {i} | **ünïcode** ✓"}, headers=auth)
+        assert answer.status_code == 201
+        post = answer.json()
+        assert set(post) == {"id", "channel", "agent_id", "content", "created_at"}
+        assert post["channel"] == "results" and post["agent_id"] == ("alpha" if i % 2 == 0 else "beta")
+        sent.append(post)
+    assert hub.get("/api/channels/results/posts", headers=beta).json() == sent[::-1]
+    assert hub.get("/api/channels/results/posts?limit=3", headers=beta).json() == sent[:3:-1]
+    before = sent[3]["id"]
+    assert hub.get(f"/api/channels/results/posts?limit=2&before={before}", headers=beta).json() == [sent[2], sent[1]]
+
+
+def test_post_errors(make_hub):
+    hub = make_hub(limits={"post_bytes": 100})
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    assert hub.post("/api/channels/nowhere/posts", json={"content": "x"}, headers=auth).status_code == 404
+    assert hub.get("/api/channels/nowhere/posts", headers=auth).status_code == 404
+    for body in ({"content": ""}, {"content": "  \n"}, {"content": 5}, {}):
+        assert hub.post("/api/channels/results/posts", json=body, headers=auth).status_code == 400
+    assert hub.post("/api/channels/results/posts", json={"content": "é" * 50}, headers=auth).status_code == 201
+    big = hub.post("/api/channels/results/posts", json={"content": "é" * 51}, headers=auth)  # 102 bytes
+    assert big.status_code == 413 and "100 bytes" in big.json()["error"]
+    for query in ("limit=0", "limit=501", "limit=x", "before=-1"):
+        assert hub.get(f"/api/channels/results/posts?{query}", headers=auth).status_code == 400
+
+
+def test_dashboard_hook_runs_inside_the_post_transaction(hub):
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    seen = []
+
+    class Dashboard:
+        def on_post(self, conn, post):
+            row = conn.execute("SELECT content FROM posts WHERE id = ?", (post["id"],)).fetchone()
+            seen.append((row[0], post["content"]))
+            if post["content"] == "boom":
+                raise RuntimeError("dashboard failed")
+
+    hub.app.state.hub.dashboard = Dashboard()
+    assert hub.post("/api/channels/results/posts", json={"content": "fine"}, headers=auth).status_code == 201
+    with pytest.raises(RuntimeError):
+        hub.post("/api/channels/results/posts", json={"content": "boom"}, headers=auth)
+    assert seen == [("fine", "fine"), ("boom", "boom")]
+    assert [p["content"] for p in hub.get("/api/channels/results/posts", headers=auth).json()] == ["fine"]
+
+
+# ---------------------------------------------------------------------------
+# Pushes and the rules
+# ---------------------------------------------------------------------------
+
+def test_push_records_the_new_commits_and_keeps_them_in_git(hub, tmp_path):
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    answer = push(hub, auth, bundle(repo))
+    assert answer.status_code == 200
+    (record,) = answer.json()["added"]
+    prepare_blob = run_git(repo, "rev-parse", "HEAD:prepare.py")
+    assert {k: v for k, v in record.items() if k != "created_at"} == {
+        "hash": root, "parent_hash": None, "agent_id": "alpha", "message": "baseline", "prepare_py": prepare_blob}
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "raise LR to 0.05\n\nbody line")
+    grandchild = commit_file(repo, "train.py", "LR = 0.06\n", "raise LR to 0.06")
+    added = push(hub, auth, bundle(repo)).json()["added"]
+    assert [(r["hash"], r["parent_hash"], r["message"]) for r in added] == [
+        (child, root, "raise LR to 0.05\n\nbody line"), (grandchild, child, "raise LR to 0.06")]
+    assert all(r["prepare_py"] == prepare_blob for r in added)
+    assert push(hub, auth, bundle(repo)).json() == {"added": []}  # nothing new: nothing added
+    assert hub_refs(tmp_path) == sorted(f"refs/commits/{h}" for h in (root, child, grandchild))
+    git_dir = tmp_path / "data" / "repo.git"
+    assert run_git(git_dir, "show", f"{grandchild}:train.py") == "LR = 0.06"
+    subprocess.run(["git", "--git-dir", str(git_dir), "fsck", "--strict"], check=True, capture_output=True)
+    assert os.listdir(tmp_path / "data" / "tmp") == []
+
+
+def test_pushes_are_repacked_now_and_then(hub, tmp_path, monkeypatch):
+    monkeypatch.setattr(server, "REPACK_EVERY", 2)
+    auth = register(hub)
+    repo = tmp_path / "a"
+    hashes = [baseline_repo(repo)]
+    push(hub, auth, bundle(repo))
+    pack_dir = tmp_path / "data" / "repo.git" / "objects" / "pack"
+    for i in range(3):
+        hashes.append(commit_file(repo, "train.py", f"LR = {i}\n", f"step {i}"))
+        assert push(hub, auth, bundle(repo)).status_code == 200
+        packs = [n for n in os.listdir(pack_dir) if n.endswith(".pack")]
+        assert len(packs) == (1 if i % 2 == 0 else 2)  # after pushes 2 and 4: one pack
+    assert hub_refs(tmp_path) == sorted(f"refs/commits/{h}" for h in hashes)
+    fresh = tmp_path / "fresh"
+    run_git(tmp_path, "init", "-q", str(fresh))
+    (fresh / "x.bundle").write_bytes(hub.get(f"/api/git/fetch/{hashes[-1]}", headers=auth).content)
+    run_git(fresh, "bundle", "unbundle", "x.bundle")
+    assert run_git(fresh, "rev-list", hashes[-1]).split() == hashes[::-1]
+
+
+def test_push_may_leave_out_commits_the_hub_has(hub, tmp_path):
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    push(hub, auth, bundle(repo))
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "lr")
+    (record,) = push(hub, auth, bundle(repo, f"{root}..HEAD")).json()["added"]  # prerequisite: root
+    assert record["hash"] == child and record["parent_hash"] == root
+
+
+def refused(hub, auth, data, tmp_path, status, words):
+    """A push that must be refused: status, message, and nothing left behind in git or the database."""
+    refs, objects = hub_refs(tmp_path), object_count(tmp_path)
+    records = db(tmp_path).execute("SELECT COUNT(*) FROM commits").fetchone()[0]
+    answer = push(hub, auth, data)
+    assert answer.status_code == status, answer.text
+    assert words in answer.json()["error"]
+    assert hub_refs(tmp_path) == refs and object_count(tmp_path) == objects
+    assert db(tmp_path).execute("SELECT COUNT(*) FROM commits").fetchone()[0] == records
+    assert os.listdir(tmp_path / "data" / "tmp") == []
+    return answer
+
+
+@pytest.mark.parametrize("change", ["prepare.py", "new_file", "delete uv.lock", "symlink", "train.py and pyproject",
+                                    "rename train.py"])
+def test_push_refuses_commits_that_change_more_than_train_py(hub, tmp_path, change):
+    auth = register(hub)
+    repo = tmp_path / "a"
+    baseline_repo(repo)
+    assert push(hub, auth, bundle(repo)).status_code == 200
+    commit_file(repo, "train.py", "LR = 0.05\n", "fine")  # a good commit first: it must not get in either
+    if change == "prepare.py":
+        commit_file(repo, "prepare.py", "METRIC = 'easier'\n", "cheat")
+    elif change == "new_file":
+        commit_file(repo, "helper.py", "x = 1\n", "add a file")
+    elif change == "delete uv.lock":
+        commit_file(repo, "uv.lock", None, "drop the lock")
+    elif change == "symlink":
+        os.remove(repo / "train.py")
+        os.symlink("prepare.py", repo / "train.py")
+        run_git(repo, "add", "train.py")
+        run_git(repo, "commit", "-q", "-m", "link")
+    elif change == "train.py and pyproject":
+        (repo / "train.py").write_text("LR = 0.07\n")
+        commit_file(repo, "pyproject.toml", "[project]\nname = 'y'\n", "two files")
+    else:
+        run_git(repo, "mv", "train.py", "train2.py")
+        run_git(repo, "commit", "-q", "-m", "rename")
+    answer = refused(hub, auth, bundle(repo), tmp_path, 422, "only train.py may change" if change != "symlink"
+                     else "regular file")
+    assert run_git(repo, "rev-parse", "--short=7", "HEAD") in answer.json()["error"]
+
+
+def test_push_refuses_merge_commits(hub, tmp_path):
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    push(hub, auth, bundle(repo))
+    commit_file(repo, "train.py", "LR = 0.05\n", "one")
+    run_git(repo, "checkout", "-q", "-b", "side", root)
+    commit_file(repo, "train.py", "LR = 0.03\n", "two")
+    run_git(repo, "merge", "-q", "-s", "ours", "-m", "merge", "agenthub")
+    refused(hub, auth, bundle(repo), tmp_path, 422, "is a merge")
+
+
+def test_push_refuses_a_commit_whose_parent_the_hub_lacks(hub, tmp_path):
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)  # never pushed
+    commit_file(repo, "train.py", "LR = 0.05\n", "child")
+    refused(hub, auth, bundle(repo, f"{root}..HEAD"), tmp_path, 400, "git bundle")
+
+
+def test_push_refuses_what_is_not_a_whole_bundle(make_hub, tmp_path):
+    hub = make_hub(limits={"push_bytes": 4096})
+    auth = register(hub)
+    repo = tmp_path / "a"
+    baseline_repo(repo)
+    good = bundle(repo)
+    refused(hub, auth, b"", tmp_path, 400, "not a git bundle")
+    refused(hub, auth, b"PK\x03\x04 a zip file", tmp_path, 400, "not a git bundle")
+    refused(hub, auth, good[: len(good) - 30], tmp_path, 400, "")  # cut short
+    corrupt = bytearray(good)
+    corrupt[-40] ^= 0xFF  # flip a byte in the pack: its checksum fails
+    refused(hub, auth, bytes(corrupt), tmp_path, 400, "")
+    header_end = good.index(b"\n\n") + 2
+    refused(hub, auth, good[:header_end], tmp_path, 400, "")  # header without pack
+    big = hub.post("/api/git/push", content=good + b"\0" * 5000, headers=auth)
+    assert big.status_code == 413 and "4096" in big.json()["error"]
+    assert push(hub, auth, good).status_code == 200  # the hub still takes a good one
+
+
+def test_push_refuses_a_head_that_is_not_a_commit(hub, tmp_path):
+    auth = register(hub)
+    repo = tmp_path / "a"
+    baseline_repo(repo)
+    run_git(repo, "tag", "blobtag", run_git(repo, "rev-parse", "HEAD:train.py"))
+    refused(hub, auth, bundle(repo, "blobtag"), tmp_path, 400, "not a commit")
+
+
+# ---------------------------------------------------------------------------
+# Reading the graph: commits, leaves, children, diff, fetch
+# ---------------------------------------------------------------------------
+
+@pytest.fixture
+def graph(hub, tmp_path):
+    """Two agents: alpha's root a0 -> a1 -> a2 and a1 -> b1 (beta built on a1); gamma's own root g0."""
+    alpha, beta, gamma = (register(hub, n) for n in ("alpha", "beta", "gamma"))
+    a = tmp_path / "a"
+    h = {"a0": baseline_repo(a)}
+    h["a1"] = commit_file(a, "train.py", "LR = 0.05\n", "a1")
+    push(hub, alpha, bundle(a))
+    b = tmp_path / "b"
+    run_git(tmp_path, "clone", "-q", str(a), str(b))
+    h["b1"] = commit_file(b, "train.py", "LR = 0.05\nWD = 0.1\n", "b1")
+    h["a2"] = commit_file(a, "train.py", "LR = 0.06\n", "a2")
+    push(hub, alpha, bundle(a))
+    push(hub, beta, bundle(b))
+    g = tmp_path / "g"
+    h["g0"] = baseline_repo(g, train="LR = 1\n", prepare="METRIC = 'other'\n")
+    push(hub, gamma, bundle(g))
+    return h, alpha, {"a": a, "b": b, "g": g}
+
+
+def test_commits_newest_first_with_limit_and_filters(hub, graph):
+    h, auth, repos = graph
+    records = hub.get("/api/git/commits", headers=auth).json()
+    assert [r["hash"] for r in records] == [h["g0"], h["b1"], h["a2"], h["a1"], h["a0"]]
+    assert [(r["agent_id"], r["message"]) for r in records] == [
+        ("gamma", "baseline"), ("beta", "b1"), ("alpha", "a2"), ("alpha", "a1"), ("alpha", "baseline")]
+    assert [r["hash"] for r in hub.get("/api/git/commits?limit=2", headers=auth).json()] == [h["g0"], h["b1"]]
+    roots = hub.get("/api/git/commits?roots=1", headers=auth).json()
+    assert [r["hash"] for r in roots] == [h["g0"], h["a0"]]
+    blob = run_git(repos["a"], "hash-object", "prepare.py")
+    same = hub.get(f"/api/git/commits?roots=1&prepare_py={blob}", headers=auth).json()
+    assert [r["hash"] for r in same] == [h["a0"]]
+    assert len(hub.get(f"/api/git/commits?prepare_py={blob}", headers=auth).json()) == 4
+    assert hub.get("/api/git/commits?limit=0", headers=auth).status_code == 400
+
+
+def test_leaves_and_children(hub, graph):
+    h, auth, _ = graph
+    leaves = hub.get("/api/git/leaves", headers=auth).json()
+    assert sorted(r["hash"] for r in leaves) == sorted([h["a2"], h["b1"], h["g0"]])
+    children = lambda c: sorted(r["hash"] for r in hub.get(f"/api/git/commits/{c}/children", headers=auth).json())
+    assert children(h["a1"]) == sorted([h["a2"], h["b1"]])
+    assert children(h["a0"]) == [h["a1"]]
+    assert children(h["a1"][:7]) == sorted([h["a2"], h["b1"]])  # a short hash, as posted in results
+    assert children(h["b1"]) == [] and children(h["g0"]) == []
+    assert hub.get("/api/git/commits/0000000/children", headers=auth).status_code == 404
+    assert hub.get("/api/git/commits/xyz/children", headers=auth).status_code == 400
+
+
+def test_diff_is_git_diff_between_the_two(hub, graph):
+    h, auth, repos = graph
+    answer = hub.get(f"/api/git/diff/{h['a0'][:7]}/{h['b1']}", headers=auth)
+    assert answer.status_code == 200 and answer.headers["content-type"].startswith("text/plain")
+    assert answer.text == subprocess.run(["git", "-C", str(repos["b"]), "diff", h["a0"], h["b1"]],
+                                         capture_output=True, text=True).stdout
+    assert "+WD = 0.1" in answer.text
+    assert hub.get(f"/api/git/diff/{h['a0']}/{h['a0']}", headers=auth).text == ""
+    assert hub.get(f"/api/git/diff/{h['a0']}/ffff", headers=auth).status_code == 404
+
+
+def test_fetch_gives_a_bundle_the_agent_can_unbundle_and_check_out(hub, graph, tmp_path):
+    h, auth, _ = graph
+    answer = hub.get(f"/api/git/fetch/{h['b1'][:7]}", headers=auth)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "application/octet-stream"
+    fresh = tmp_path / "fresh"
+    baseline_repo(fresh, train="other\n")  # an agent with its own, unrelated history
+    (fresh / "b1.bundle").write_bytes(answer.content)
+    run_git(fresh, "bundle", "unbundle", "b1.bundle")
+    run_git(fresh, "checkout", "-q", h["b1"])
+    assert (fresh / "train.py").read_text() == "LR = 0.05\nWD = 0.1\n"
+    assert run_git(fresh, "rev-list", "HEAD").split() == [h["b1"], h["a1"], h["a0"]]
+    assert hub.get("/api/git/fetch/abcdef1", headers=auth).status_code == 404
+    assert hub.get("/api/git/fetch/not-a-hash", headers=auth).status_code == 400
+
+
+def test_resolve_refuses_an_ambiguous_prefix():
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(server.SCHEMA)
+    for h in ("abcd" + "1" * 36, "abcd" + "2" * 36, "abce" + "0" * 36):
+        conn.execute("INSERT INTO commits(hash, agent_id, message, created_at) VALUES (?, 'a', 'm', 0)", (h,))
+    with pytest.raises(server.HubError) as error:
+        server.resolve(conn, "abcd")
+    assert error.value.status == 409
+    assert server.resolve(conn, "ABCD1") == "abcd" + "1" * 36
+    assert server.resolve(conn, "abce") == "abce" + "0" * 36
+    assert server.resolve(conn, "abcd2") == "abcd" + "2" * 36
+
+
+# ---------------------------------------------------------------------------
+# Start-up recovery
+# ---------------------------------------------------------------------------
+
+def test_restart_drops_refs_without_a_record_and_restores_missing_refs(make_hub, tmp_path):
+    hub = make_hub()
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    push(hub, auth, bundle(repo))
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "child")
+    push(hub, auth, bundle(repo))
+    git_dir = tmp_path / "data" / "repo.git"
+    run_git(git_dir, "update-ref", "-d", f"refs/commits/{child}")        # as if the ref were lost
+    run_git(git_dir, "update-ref", "refs/commits/" + "0" * 40, root)     # as if a push died before its record
+    (tmp_path / "data" / "tmp" / "leftover").mkdir()
+    hub2 = make_hub()
+    assert hub_refs(tmp_path) == sorted(f"refs/commits/{h}" for h in (root, child))
+    assert os.listdir(tmp_path / "data" / "tmp") == []
+    assert len(hub2.get("/api/git/commits", headers=auth).json()) == 2
+    assert json.loads(hub2.get(f"/api/git/commits/{root}/children", headers=auth).text)[0]["hash"] == child
+
+
+def test_backup_commands_of_the_readme_restore_a_working_hub(tmp_path):
+    """The README's backup block, run as written against a hub in $HOME/agenthub; the copy restarts whole."""
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```", readme, re.MULTILINE | re.DOTALL) if "--mirror" in b]
+    home = tmp_path / "home"
+    hub = TestClient(server.create_app(str(home / "agenthub")))
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    hub.post("/api/channels/results/posts", json={"content": "before the backup"}, headers=auth)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    push(hub, auth, bundle(repo))
+    result = subprocess.run(["bash", "-c", block], env=dict(os.environ, HOME=str(home)), capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    hub.post("/api/channels/results/posts", json={"content": "after the backup"}, headers=auth)
+    hub.close()
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    os.replace(home / "agenthub-backup.sqlite3", restored / "hub.sqlite3")
+    os.replace(home / "agenthub-backup.git", restored / "repo.git")
+    copy = TestClient(server.create_app(str(restored)))
+    assert [p["content"] for p in copy.get("/api/channels/results/posts", headers=auth).json()] == ["before the backup"]
+    assert [c["hash"] for c in copy.get("/api/git/commits", headers=auth).json()] == [root]
+    fetched = copy.get(f"/api/git/fetch/{root}", headers=auth)
+    assert fetched.status_code == 200
+    assert run_git(restored / "repo.git", "config", "core.hooksPath") == "/dev/null"
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "child")
+    assert [r["hash"] for r in push(copy, auth, bundle(repo)).json()["added"]] == [child]
+    copy.close()

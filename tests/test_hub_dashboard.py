@@ -1,0 +1,229 @@
+"""The dashboard's routes (hub/dashboard.py) through Starlette's TestClient, against a hub data folder filled
+by tests/hub_fill.py (a simulated swarm with real git commits): content, XSS, access control, caching."""
+
+import os
+import re
+import sqlite3
+import sys
+
+import pytest
+from starlette.applications import Starlette
+from starlette.testclient import TestClient
+
+from hub import dashboard
+
+sys.path.insert(0, os.path.dirname(__file__))
+import hub_fill  # noqa: E402
+
+XSS_POST = ("**bold** <script>document.write('XSS'+'RAN')</script> <img src=x onerror=alert(1)> "
+            "[click](javascript:alert(1)) [ok](https://example.org/a)")
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    d = tmp_path_factory.mktemp("hub")
+    summary = hub_fill.fill(d, 300, n_agents=6, platforms=("H100", "A100", "M4-Max"), seed=1, extra_posts=[
+        ("discussion", "agent-0", XSS_POST),
+        ("discussion", "agent-1", "LR **0.05** helps on H100"),
+        ("results", "agent-2", "commit:abc platform:H100 val_bpb:<b>0.5</b> | <script>alert(1)</script>"),
+        ("results", "agent-2", "commit:a1b2c3d platform:H100 val_bpb:0.9 vram_gb:40 | <script>x()</script> (DISCARD)"),
+    ])
+    conn = sqlite3.connect(d / "hub.sqlite3")
+    dashboard.init_db(conn)   # parses the posts: the path of a hub restarted on old data
+    conn.close()
+    return d, summary
+
+
+def client(d, **state):
+    state = dict(dict(db_path=str(d / "hub.sqlite3"), repo_path=str(d / "repo.git"), read_token=None,
+                      loopback=True), **state)
+    return TestClient(Starlette(routes=dashboard.routes(state)), follow_redirects=False)
+
+
+def test_index_shows_best_per_platform_agents_tree_and_discussion(hub):
+    d, summary = hub
+    r = client(d).get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    html = r.text
+    best = html[html.index('id="best"'):html.index('id="charts"')]
+    for platform, (val, short, agent, desc) in summary["best"].items():
+        gain = summary["baseline"][platform] - val
+        row = best[best.index(f"<b>{platform}</b>"):]
+        row = row[:row.index("</tr>")]
+        assert f"{val:.6f}" in row and short in row and agent in row and desc in row
+        assert f"{gain:.6f}" in row
+        # the best's commit links to its page, and its lineage is listed back to the root
+        assert re.search(rf'href="/commit/{short}[0-9a-f]{{33}}"', row)
+    charts = re.findall(r'<img class="chart" src="/chart/([^".]+)\.svg\?v=\d+"', html)
+    assert sorted(charts) == sorted(summary["best"])
+    agents = html[html.index('id="agents"'):html.index('id="latest"')]
+    for agent, c in summary["counts"].items():
+        n = c["keep"] + c["discard"] + c["crash"] + (2 if agent == "agent-2" else 0)
+        assert (f'<td>{agent}</td><td class="num">{n}</td><td class="num keep">'
+                f'{c["keep"]}</td><td class="num discard">{c["discard"] + (1 if agent == "agent-2" else 0)}</td>'
+                f'<td class="num crash">{c["crash"]}</td>') in agents
+    tree = html[html.index('id="tree"'):html.index('id="discussion"')]
+    assert tree.count('<ol class="lineage">') == 3 and tree.count("(root)") == 3
+    assert "LR <strong>0.05</strong> helps on H100" in html   # markdown rendered
+    assert "hash-of-" not in html                             # nothing of the API keys, not even the hash
+
+
+def test_untrusted_text_is_shown_as_text(hub):
+    d, _ = hub
+    html = client(d).get("/").text
+    assert "<script" not in html and "onerror=alert" not in html.replace("onerror=alert(1)&gt;", "")
+    assert "&lt;script&gt;document.write('XSS'+'RAN')&lt;/script&gt;" in html
+    assert "&lt;img src=x onerror=alert(1)&gt;" in html
+    assert 'href="javascript:' not in html and "[click](javascript:alert(1))" in html
+    assert '<a href="https://example.org/a" rel="nofollow noopener noreferrer">ok</a>' in html
+    # result lines with markup: the discard row and the unparsed row, both escaped
+    assert "&lt;script&gt;x()&lt;/script&gt; (DISCARD)" in html
+    assert "commit:abc platform:H100 val_bpb:&lt;b&gt;0.5&lt;/b&gt; | &lt;script&gt;alert(1)&lt;/script&gt;" in html
+    csp = client(d).get("/").headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src" not in csp and "unsafe-inline" not in csp
+
+
+def test_chart_is_svg_cached_and_redrawn_only_when_results_change(hub, tmp_path, monkeypatch):
+    d0, _ = hub
+    d = tmp_path / "hub"
+    hub_fill.fill(d, 40, n_agents=2, platforms=("H100", "CPU"), seed=2, on_post=None)
+    conn = sqlite3.connect(d / "hub.sqlite3")
+    dashboard.init_db(conn)
+    draws = []
+    real = dashboard.draw_chart
+    monkeypatch.setattr(dashboard, "draw_chart", lambda p, s: draws.append(p) or real(p, s))
+    monkeypatch.setattr(dashboard, "CHART_REDRAW_S", 0)
+    c = client(d)
+    r = c.get("/chart/H100.svg")
+    assert r.status_code == 200 and r.headers["content-type"] == "image/svg+xml"
+    assert r.content.startswith(b"<?xml") and b"Running best" in r.content
+    assert c.get("/chart/H100.svg").content == r.content and c.get("/").status_code == 200
+    assert draws == ["H100"]
+    assert c.get("/chart/H100.svg", headers={"if-none-match": r.headers["etag"]}).status_code == 304
+    # a discussion post changes nothing in the H100 chart; a CPU result neither; an H100 result does
+    for channel, line in [("discussion", "hello"),
+                          ("results", "commit:1234567 platform:CPU val_bpb:2.0 vram_gb:0 | cpu run")]:
+        cur = conn.execute("INSERT INTO posts(channel, agent_id, content, created_at) VALUES (?, 'agent-0', ?, 1)",
+                           (channel, line))
+        dashboard.on_post(conn, dict(id=cur.lastrowid, channel=channel, agent_id="agent-0", content=line, created_at=1))
+        conn.commit()
+        assert c.get("/chart/H100.svg").content == r.content and draws == ["H100"]
+    line = "commit:1234567 platform:H100 val_bpb:0.5 vram_gb:40 | a huge win"
+    cur = conn.execute("INSERT INTO posts(channel, agent_id, content, created_at) VALUES ('results', 'agent-0', ?, 2)",
+                       (line,))
+    dashboard.on_post(conn, dict(id=cur.lastrowid, channel="results", agent_id="agent-0", content=line, created_at=2))
+    conn.commit()
+    monkeypatch.setattr(dashboard, "CHART_REDRAW_S", 3600)   # drawn a moment ago: the old chart, no draw
+    assert c.get("/chart/H100.svg", headers={"if-none-match": r.headers["etag"]}).status_code == 304
+    monkeypatch.setattr(dashboard, "CHART_REDRAW_S", 0)
+    r2 = c.get("/chart/H100.svg", headers={"if-none-match": r.headers["etag"]})
+    assert r2.status_code == 200 and b"a huge win" in r2.content and draws == ["H100", "H100"]
+    assert "a huge win" in c.get("/").text     # the page follows the new record too
+    conn.close()
+    assert c.get("/chart/nowhere.svg").status_code == 404
+    assert client(d0).get("/chart/..%2F..%2Fetc.svg").status_code == 404
+
+
+def test_commit_page_shows_the_escaped_diff_against_the_parent(hub):
+    d, summary = hub
+    c = client(d)
+    conn = sqlite3.connect(d / "hub.sqlite3")
+    child, parent = conn.execute("SELECT hash, parent_hash FROM commits WHERE parent_hash IS NOT NULL LIMIT 1").fetchone()
+    root = conn.execute("SELECT hash FROM commits WHERE parent_hash IS NULL LIMIT 1").fetchone()[0]
+    conn.close()
+    r = c.get(f"/commit/{child}")
+    assert r.status_code == 200
+    assert f'parent: <a href="/commit/{parent}">' in r.text
+    assert "diff --git a/train.py b/train.py" in r.text and '<span class="add">+# ' in r.text
+    assert "prepare.py" not in r.text           # against its parent: only train.py changed
+    assert "prepare.py" in c.get(f"/commit/{root}").text and "(a root)" in c.get(f"/commit/{root}").text
+    short = c.get(f"/commit/{child[:7]}")
+    assert short.status_code == 303 and short.headers["location"] == f"/commit/{child}"
+    assert c.get("/commit/0000000").status_code == 404
+    for bad in ["zzzz", "abc", "a" * 41, "--output=x"]:
+        assert c.get(f"/commit/{bad}").status_code == 400
+
+
+def test_loopback_needs_no_token(hub):
+    d, _ = hub
+    assert client(d, loopback=True, read_token="s3cret").get("/").status_code == 200
+
+
+def test_non_loopback_without_read_token_mounts_nothing(hub, caplog):
+    d, _ = hub
+    assert dashboard.routes(dict(db_path="x", repo_path="y", read_token=None, loopback=False)) == []
+    assert "not mounted" in caplog.text and "--read-token" in caplog.text
+
+
+def test_non_loopback_needs_the_read_token(hub):
+    d, summary = hub
+    token = "read-0123456789"
+    c = client(d, loopback=False, read_token=token)
+    for path in ["/", "/chart/H100.svg", f"/commit/{summary['commits'][0]}"]:
+        r = c.get(path)
+        assert r.status_code == 401 and "read token" in r.text and "H100" not in r.text
+        assert c.get(path, headers={"authorization": "Bearer wrong"}).status_code == 401
+        assert c.get(path, headers={"authorization": f"Bearer {token}"}).status_code == 200
+    assert c.get("/?token=wrong").status_code == 401
+    assert c.get("/", cookies={dashboard.COOKIE: token}).status_code == 401   # the cookie is a MAC, not the token
+    r = c.get("/?token=" + token)
+    assert r.status_code == 303 and r.headers["location"] == "/"                # the token leaves the address
+    cookie = r.cookies[dashboard.COOKIE]
+    assert token not in cookie and "httponly" in r.headers["set-cookie"].lower()
+    assert c.get("/", cookies={dashboard.COOKIE: cookie}).status_code == 200
+    assert c.get("/chart/H100.svg", cookies={dashboard.COOKIE: cookie}).status_code == 200
+    assert client(d, loopback=False, read_token="other").get("/", cookies={dashboard.COOKIE: cookie}).status_code == 401
+
+
+def test_empty_hub_renders(tmp_path):
+    conn = hub_fill.connect(tmp_path)
+    dashboard.init_db(conn)
+    conn.close()
+    os.makedirs(tmp_path / "repo.git", exist_ok=True)
+    html = client(tmp_path).get("/").text
+    assert "No results yet" in html and "No commits pushed yet" in html and "discussion</code> yet" in html
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Through the hub server itself (hub/server.py calls init_db, on_post and routes)
+
+
+def server_app(d, **kwargs):
+    server = pytest.importorskip("hub.server", reason="hub/server.py is not in this checkout")
+    return server.create_app(str(d), **kwargs)
+
+
+def test_server_parses_each_post_once_in_its_transaction(tmp_path):
+    c = TestClient(server_app(tmp_path), follow_redirects=False)
+    key = c.post("/api/register", json={"id": "ann"}).json()["api_key"]
+    auth = {"Authorization": f"Bearer {key}"}
+    for name in ("results", "discussion"):
+        c.post("/api/channels", json={"name": name, "description": ""}, headers=auth)
+    lines = ["commit:a1b2c3d platform:H100 val_bpb:0.997900 vram_gb:44.0 | baseline",
+             "commit:b2c3d4e platform:H100 val_bpb:--- vram_gb:--- | bigger (CRASH: OOM)",
+             "this is not a result line <script>alert(1)</script>"]
+    for line in lines:
+        assert c.post("/api/channels/results/posts", json={"content": line}, headers=auth).status_code in (200, 201)
+    c.post("/api/channels/discussion/posts", json={"content": "hello"}, headers=auth)
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3")
+    assert conn.execute("SELECT status, agent_id FROM results ORDER BY id").fetchall() == [
+        ("keep", "ann"), ("crash", "ann"), ("unparsed", "ann")]
+    conn.close()
+    html = c.get("/").text
+    assert "0.997900" in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html and key not in html
+    # a restart parses nothing twice
+    server_app(tmp_path)
+    conn = sqlite3.connect(tmp_path / "hub.sqlite3")
+    assert conn.execute("SELECT COUNT(*) FROM results").fetchone() == (3,)
+    conn.close()
+
+
+def test_server_on_another_address(tmp_path, caplog):
+    app = server_app(tmp_path / "a", host="0.0.0.0", invite_token="inv")
+    assert TestClient(app).get("/").status_code == 404          # no read token: no dashboard at all
+    assert "not mounted" in caplog.text
+    c = TestClient(server_app(tmp_path / "b", host="0.0.0.0", invite_token="inv", read_token="rt"),
+                   follow_redirects=False)
+    assert c.get("/").status_code == 401
+    assert c.get("/", headers={"Authorization": "Bearer inv"}).status_code == 401   # the invite token is not it
+    assert c.get("/", headers={"Authorization": "Bearer rt"}).status_code == 200
