@@ -25,7 +25,9 @@ import datetime
 import os
 import sys
 import time
+import types
 import warnings
+from unittest import mock
 
 os.environ.setdefault("AUTORESEARCH_DEVICE", "cpu")  # the simulation itself runs on the CPU
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -89,7 +91,7 @@ class MetaAutocast(TorchFunctionMode):
     linear, matmul and SDPA are cast to `dtype`, as torch 2.9's CUDA autocast does; everything else runs in
     its inputs' dtypes. With explicit_ce, F.cross_entropy is computed by explicit_cross_entropy."""
 
-    LOW_PRECISION = {F.linear, torch.matmul, F.scaled_dot_product_attention}
+    LOW_PRECISION = frozenset({F.linear, torch.matmul, F.scaled_dot_product_attention})
 
     def __init__(self, dtype, explicit_ce=False):
         super().__init__()
@@ -177,6 +179,17 @@ def eager_peak_bytes(config, B, amp_dtype=torch.bfloat16):
     return snap["Total"], {str(k.value): v for k, v in snap.items() if k != "Total" and v}
 
 
+VIEW_OPS = {"view", "_unsafe_view", "reshape", "transpose", "permute", "t", "expand", "slice", "select", "alias",
+            "unsqueeze", "squeeze", "as_strided"}  # not getitem: a multi-output op's outputs are separate
+
+
+def base_of(node):
+    """The graph node whose memory `node` views (itself if it is not a view)."""
+    while node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in VIEW_OPS:
+        node = node.args[0]
+    return node
+
+
 def compiled_saved_bytes(config, B, amp_dtype=torch.bfloat16):
     """Bytes the compiled forward keeps for the backward at batch B: torch.compile (Dynamo + AOTAutograd) with
     the min-cut partitioner that Inductor uses; the forward graph's extra outputs are the saved tensors
@@ -187,8 +200,9 @@ def compiled_saved_bytes(config, B, amp_dtype=torch.bfloat16):
 
     def forward_compiler(gm, example_inputs):
         outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        inputs = {n for n in gm.graph.nodes if n.op == "placeholder"}
-        vals = [n.meta["val"] for n in outputs[1:] if n is not None and n not in inputs]
+        # a saved view shares its base's memory: count each base once (graph inputs such as weights: not at all)
+        bases = {base_of(n) for n in outputs[1:] if n is not None}
+        vals = [n.meta["val"] for n in bases if n.op != "placeholder"]
         saved["bytes"] = saved.get("bytes", 0) + sum(nbytes(v) for v in vals)
         saved.setdefault("shapes", collections.Counter()).update((str(v.dtype), tuple(v.shape)) for v in vals)
         return make_boxed_func(gm.forward)
@@ -323,11 +337,13 @@ def optimizer_graph_breaks():
 
 def gpu_choices(capability, total_memory, config):
     """(attention backend, autocast dtype, device batch) that train.py would choose on this GPU, with the
-    kernel hub answering (load_fa3 and fa3_check mocked to succeed) and Triton installed."""
+    kernel hub answering (kernels.get_kernel mocked; load_fa3 still decides which repo, if any) and FA3's
+    smoke check passing, Triton as installed here."""
     amp_dtype = train.select_amp_dtype(capability)
-    with patched(train, load_fa3=lambda cap, rocm: (object(), f"Flash Attention 3 from {train.fa3_repo(cap, rocm)}"),
-                 fa3_check=lambda fa3, device="cuda": None):
-        backend, reason, _ = train.select_attention_backend(capability, False)
+    hub = types.ModuleType("kernels")  # the kernel hub answers every repo with a module that has flash_attn_func
+    hub.get_kernel = lambda repo, *args, **kwargs: types.SimpleNamespace(flash_attn_interface=object())
+    with mock.patch.dict(sys.modules, kernels=hub), patched(train, fa3_check=lambda fa3, device="cuda": None):
+        backend, _, _ = train.select_attention_backend(capability, False)
     num_params = sum(p.numel() for p in meta_model(config, amp_dtype).parameters())
     with patched(sys.modules["builtins"], print=lambda *a, **k: None):
         batch = train.fit_device_batch(REFERENCE_BATCH, total_memory, config, num_params)
@@ -418,12 +434,22 @@ def main():
     if not hasattr(train, "select_amp_dtype"):
         print("needs train.select_amp_dtype and select_attention_backend(capability, is_rocm) (issue 12)")
         return
+    print("rule: fit_device_batch's prediction at the chosen batch; sim: weights, gradients and optimizer state +"
+          " the compiled forward's saved tensors (min-cut at batch 128, scaled to the batch), in this autocast dtype")
     print(f"{'GPU':15s} {'cc':>5s} {'GiB':>6s} {'attention':9s} {'autocast':9s} {'batch':>5s} {'accum':>5s} "
           f"{'rule GiB':>8s} {'sim GiB':>8s}  step")
+    sim_at_128 = {}
     for name, capability, total in GPUS:
         backend, amp_dtype, batch = gpu_choices(capability, total, config)
+        if amp_dtype not in sim_at_128:
+            model = meta_model(config, amp_dtype)
+            optimizer = make_optimizer(model)
+            training_step(model, optimizer, 1, amp_dtype)
+            saved = compiled_saved_bytes(config, REFERENCE_BATCH, amp_dtype)[0]
+            sim_at_128[amp_dtype] = (persistent_bytes(model, optimizer), saved)
+        persistent, saved = sim_at_128[amp_dtype]
+        sim = persistent + saved * batch / REFERENCE_BATCH
         rule = predicted_bytes(config, batch)
-        sim = persistent + compiled_saved * batch / REFERENCE_BATCH  # saved tensors scale with the batch
         if args.quick:
             status, accum = "skipped (--quick)", 2**19 // (batch * config.sequence_len)
         else:
