@@ -7,6 +7,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 import prepare
 import train
@@ -158,3 +159,23 @@ def test_main_fits_batch_and_keeps_total_batch_size(cache, monkeypatch, capsys):
     # one batch before the loop, then accum micro-batches per step: TOTAL_BATCH_SIZE tokens per optimizer step
     assert calls["batches"] == 1 + steps * accum
     assert accum * fitted_to * prepare.MAX_SEQ_LEN == train.TOTAL_BATCH_SIZE
+
+
+# ---------------------------------------------------------------------------
+# One simulated training step per GPU, with what train.py chooses there
+# ---------------------------------------------------------------------------
+
+@pytest.mark.skipif(not hasattr(train, "select_amp_dtype"), reason="needs issue 12's capability-driven device section")
+@pytest.mark.parametrize("name, capability, total_mib, backend, amp_dtype, batch", [
+    ("Tesla T4", (7, 5), 15_095, "sdpa", "float16", 16),
+    ("RTX 4090", (8, 9), 24_080, "fa3", "bfloat16", 32),
+    ("RTX 5090", (12, 0), 31_840, "flex", "bfloat16", 32),
+    ("A100 40GB", (8, 0), 40_339, "fa3", "bfloat16", 64),
+    ("H100 80GB", (9, 0), 81_004, "fa3", "bfloat16", 128),
+])
+def test_simulated_step_per_gpu(name, capability, total_mib, backend, amp_dtype, batch):
+    # the kernel hub answers (mocked) and Triton is installed, as on a GPU host with network
+    choice = simulate_gpu.gpu_choices(capability, total_mib * 2**20, REFERENCE)
+    assert choice == (backend, getattr(torch, amp_dtype), batch)
+    accum, _ = simulate_gpu.simulated_step(REFERENCE, backend, getattr(torch, amp_dtype), batch)
+    assert accum * batch * REFERENCE.sequence_len == 2**19  # the reference's TOTAL_BATCH_SIZE
