@@ -227,6 +227,22 @@ def simulated_compiled_peak(config, B, amp_dtype=torch.bfloat16):
     return persistent_bytes(model, optimizer) + compiled_saved_bytes(config, B, amp_dtype)[0]
 
 
+def fit_per_token_bytes():
+    """The compiled step's saved bytes per token as a * n_layer * n_embd + c * vocab_size + e * n_embd, from
+    the slope between batches 2 and 4 (weight-sized saved tensors cancel) on four configurations that vary
+    n_layer, n_embd and vocab_size one at a time. Returns {(n_layer, n_embd, vocab): bytes per token}, a, c, e."""
+    per_token = {}
+    for L, d, V in [(8, 512, 8192), (4, 512, 8192), (8, 1024, 8192), (8, 512, 16384)]:
+        config = train.GPTConfig(sequence_len=2048, vocab_size=V, n_layer=L, n_head=d // 128, n_kv_head=d // 128,
+                                 n_embd=d, window_pattern="SSSL")
+        per_token[L, d, V] = (compiled_saved_bytes(config, 4)[0] - compiled_saved_bytes(config, 2)[0]) / (2 * 2048)
+    ref = per_token[8, 512, 8192]
+    a = (ref - per_token[4, 512, 8192]) / (4 * 512)
+    c = (per_token[8, 512, 16384] - ref) / 8192
+    e = (ref - a * 8 * 512 - c * 8192) / 512
+    return per_token, a, c, e
+
+
 def predicted_bytes(config, B):
     """train.fit_device_batch's prediction for batch B (the largest b <= B it keeps is B itself at any memory
     above it), read back by bisection on total_memory so the bench uses the rule exactly as train.py has it."""
@@ -387,7 +403,15 @@ def simulated_step(config, backend, amp_dtype, batch):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip the eager tracker and the per-GPU steps")
+    parser.add_argument("--fit", action="store_true", help="only fit the rule's per-token bytes (a few minutes)")
     args = parser.parse_args()
+    if args.fit:
+        per_token, a, c, e = fit_per_token_bytes()
+        for (L, d, V), b in per_token.items():
+            print(f"n_layer {L} n_embd {d:4d} vocab {V:5d}: {b:9,.0f} saved bytes per token; "
+                  f"fit {a * L * d + c * V + e * d:9,.0f}; rule 42 L d + 8 V: {42 * L * d + 8 * V:9,}")
+        print(f"saved bytes per token = {a:.2f} * n_layer * n_embd + {c:.2f} * vocab_size + {e:.2f} * n_embd")
+        return
     config = reference_config()
     num_params = sum(p.numel() for p in meta_model(config).parameters())
     print(f"simulate_gpu.py: torch {torch.__version__}, {datetime.date.today()}, reference config {config}")
