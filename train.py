@@ -14,10 +14,17 @@ import gc
 import importlib.util
 import math
 import os
+import platform
+import re
 import resource
 import sys
 import time
 from dataclasses import dataclass
+
+# Set before torch starts CUDA, as the reference does: growable allocator segments (less fragmentation,
+# part of the reference's 45 GB peak) and no kernel-hub download bars in run.log.
+os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 import torch
 import torch.nn as nn
@@ -30,10 +37,27 @@ from prepare import DEVICE_REASON, DEVICE_TYPE, MAX_SEQ_LEN, TIME_BUDGET, Tokeni
 # Device and attention backend: the only place where CUDA, MPS and CPU differ
 # ---------------------------------------------------------------------------
 
-ON_CUDA = DEVICE_TYPE == "cuda"
-# CUDA computes in bf16 like the reference; CPUs without bf16 units run it ~100x
-# slower than float32, so CPU and MPS compute in float32 throughout.
-COMPUTE_DTYPE = torch.bfloat16 if ON_CUDA else torch.float32  # autocast, embeddings, rotary, Muon
+ON_CUDA = DEVICE_TYPE == "cuda"  # NVIDIA, or AMD under ROCm (torch calls both "cuda")
+IS_ROCM = ON_CUDA and torch.version.hip is not None
+CAPABILITY = torch.cuda.get_device_capability() if ON_CUDA else None  # (major, minor), e.g. (9, 0) on H100
+
+
+def select_amp_dtype(capability):
+    """The autocast dtype for a GPU of this compute capability (None: not CUDA).
+
+    bf16 from Ampere (8.0) on, as the reference. Older GPUs (T4, V100, RTX 20xx) have no bf16 tensor cores
+    and emulate it slowly: fp16 with dynamic loss scaling there. float32 (no autocast) on CPU and MPS: CPUs
+    without bf16 units run bf16 matmuls ~100x slower than float32.
+    """
+    if capability is None:
+        return torch.float32
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
+AMP_DTYPE = select_amp_dtype(CAPABILITY)  # autocast and the rotary tables
+# Embedding storage and Muon's orthogonalisation: bf16 like the reference where autocast is bf16. fp16 runs keep
+# them in float32: the loss scaler unscales only float32 gradients, and fp16's range is too small for Muon.
+COMPUTE_DTYPE = torch.bfloat16 if AMP_DTYPE == torch.bfloat16 else torch.float32
 USE_COMPILE = ON_CUDA  # on CPU, compiling costs more of the 5 minutes than it saves (see README)
 
 if DEVICE_TYPE == "cpu" and sys.platform == "linux":
@@ -46,24 +70,72 @@ if DEVICE_TYPE == "cpu" and sys.platform == "linux":
     except (OSError, AttributeError):  # not glibc
         pass
 
-# Peak dense bf16 FLOP/s for MFU, matched against torch.cuda.get_device_name() in order.
-GPU_PEAK_FLOPS = [
-    ("H100 NVL", 835e12), ("H100 PCIe", 756e12), ("H100", 989.5e12), ("H200", 989.5e12), ("GH200", 989.5e12),
-    ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12),
-    ("L4", 121e12), ("RTX 4090", 165.2e12), ("RTX 3090", 71e12), ("A6000", 154.8e12),
+
+def platform_name():
+    """One line naming the hardware, for the `platform:` line: the GPU's name on CUDA, else the device type
+    and the CPU model, e.g. "cpu (Intel Xeon, 2 cores)"."""
+    if ON_CUDA:
+        return torch.cuda.get_device_name()
+    cpu = platform.processor() or platform.machine()
+    try:
+        if sys.platform == "linux":
+            with open("/proc/cpuinfo") as f:
+                cpu = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
+        elif sys.platform == "darwin":
+            import subprocess
+            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout
+    except (OSError, StopIteration):
+        pass
+    for noise in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
+        cpu = cpu.replace(noise, "")
+    return f"{DEVICE_TYPE} ({' '.join(cpu.split('@')[0].split()) or 'unknown CPU'}, {os.cpu_count()} cores)"
+
+
+# Peak dense (not sparse) tensor FLOP/s for MFU, per autocast dtype: (name, bf16, fp16), None where the GPU
+# has no tensor cores for that dtype. Matched as a whole word, ignoring case, in torch.cuda.get_device_name(),
+# first match wins, so the more specific names come first. Sources: NVIDIA's datasheets and architecture
+# whitepapers (half the "with sparsity" figures; GeForce cards at the FP32-accumulate rate that PyTorch's
+# matmuls use) and AMD's Instinct datasheets. torch sees each of an MI250X/MI250's two dies as one device,
+# so those rows are per die (half the card's figure).
+PEAK_FLOPS = [
+    # NVIDIA data centre: Blackwell, Hopper, Ada, Ampere, Volta, Turing
+    ("GB200", 2500e12, 2500e12), ("B200", 2250e12, 2250e12), ("B100", 1750e12, 1750e12),
+    ("GH200", 989.5e12, 989.5e12), ("H200 NVL", 835.5e12, 835.5e12), ("H200", 989.5e12, 989.5e12),
+    ("H100 NVL", 835.5e12, 835.5e12), ("H100 PCIe", 756.5e12, 756.5e12), ("H100", 989.5e12, 989.5e12),
+    ("L40S", 362.05e12, 362.05e12), ("L40", 181.05e12, 181.05e12), ("L4", 121e12, 121e12),
+    ("A100", 312e12, 312e12), ("A10G", 70e12, 70e12),  # A10G (AWS only): no NVIDIA datasheet; the usual figure
+    ("A10", 125e12, 125e12),
+    ("V100S", None, 130e12), ("V100-PCIE", None, 112e12), ("V100", None, 125e12), ("T4", None, 65e12),
+    # NVIDIA workstation and GeForce
+    ("RTX 6000 Ada", 364.25e12, 364.25e12), ("A6000", 154.8e12, 154.8e12),
+    ("RTX 5090", 209.5e12, 209.5e12), ("RTX 5080", 112.6e12, 112.6e12),
+    ("RTX 4090 D", 147.1e12, 147.1e12), ("RTX 4090", 165.2e12, 165.2e12), ("RTX 4080", 97.5e12, 97.5e12),
+    ("RTX 3090 Ti", 80e12, 80e12), ("RTX 3090", 71e12, 71e12), ("RTX 3080", 59.5e12, 59.5e12),
+    # AMD Instinct
+    ("MI325X", 1307.4e12, 1307.4e12), ("MI300X", 1307.4e12, 1307.4e12),
+    ("MI250X", 191.5e12, 191.5e12), ("MI250", 181.05e12, 181.05e12), ("MI210", 181.0e12, 181.0e12),
 ]
 
 
+def peak_flops_for(name, dtype):
+    """Peak dense FLOP/s of the GPU called `name` (torch.cuda.get_device_name()) computing in `dtype`
+    (torch.bfloat16 or torch.float16); 0.0 if the GPU is not in PEAK_FLOPS or has no tensor cores for dtype."""
+    column = {torch.bfloat16: 1, torch.float16: 2}.get(dtype)
+    for row in PEAK_FLOPS:
+        if column and re.search(rf"\b{re.escape(row[0])}\b", name, re.IGNORECASE):
+            return row[column] or 0.0
+    return 0.0
+
+
 def get_peak_flops():
-    """Peak dense bf16 FLOP/s of this device for MFU; 0 (no MFU) on CPU, MPS and unknown GPUs."""
+    """Peak FLOP/s of this device in AMP_DTYPE for MFU; 0 (no MFU) on CPU, MPS and unknown GPUs."""
     if not ON_CUDA:
         return 0.0
     name = torch.cuda.get_device_name()
-    for key, flops in GPU_PEAK_FLOPS:
-        if key in name:
-            return flops
-    print(f"Unknown GPU {name!r}: MFU is reported as 0 (add its peak bf16 FLOP/s to GPU_PEAK_FLOPS)")
-    return 0.0
+    flops = peak_flops_for(name, AMP_DTYPE)
+    if not flops:
+        print(f"Unknown GPU {name!r}: MFU is reported as 0 (add its peak FLOP/s to PEAK_FLOPS)")
+    return flops
 
 
 def synchronize():
@@ -83,13 +155,33 @@ def peak_memory_mb():
     return rss / 1024 / (1024 if sys.platform == "darwin" else 1)
 
 
-def load_fa3():
-    """Flash Attention 3 from the Hugging Face kernel hub, as the reference loads it (CUDA only).
+# Attention by compute capability. The kernel hub's FA3 builds are CUDA-only; the reference loads them with
+# `kernels` 0.12.1 (pinned in pyproject.toml: later versions refuse get_kernel(repo) without a version).
+FA3_HOPPER_REPO = "varunneal/flash-attention-3"  # the reference's build for compute capability 9.0
+FA3_COMMUNITY_REPO = "kernels-community/flash-attn3"  # the reference's build for every other GPU
 
-    Returns (module, reason): module has flash_attn_func, or is None if it could not be loaded
-    (no `kernels` package, no network, no build for this GPU or torch); reason says which, on one line.
+
+def fa3_repo(capability, is_rocm):
+    """The kernel-hub repo of the FA3 build for a GPU of this compute capability, or None where none runs:
+    Hopper (9.0) the Hopper build, Ampere and Ada (8.x) the community build; Blackwell (10.x, 12.x), pre-Ampere
+    (< 8.0), AMD GPUs under ROCm and non-CUDA devices (capability None) none."""
+    if is_rocm or capability is None:
+        return None
+    if capability == (9, 0):
+        return FA3_HOPPER_REPO
+    return FA3_COMMUNITY_REPO if capability[0] == 8 else None
+
+
+def load_fa3(capability, is_rocm):
+    """Flash Attention 3 from the Hugging Face kernel hub, as the reference loads it (downloads on first use).
+
+    Returns (module, reason): module has flash_attn_func, or is None when there is no build for this GPU or
+    it could not be loaded (no `kernels` package, no network, no build for this torch); reason says which.
     """
-    repo = "varunneal/flash-attention-3" if torch.cuda.get_device_capability() == (9, 0) else "kernels-community/flash-attn3"
+    repo = fa3_repo(capability, is_rocm)
+    if repo is None:
+        gpu = "ROCm" if is_rocm else f"compute capability {capability[0]}.{capability[1]}" if capability else DEVICE_TYPE
+        return None, f"no Flash Attention 3 build for {gpu}"
     try:
         from kernels import get_kernel
         return get_kernel(repo).flash_attn_interface, f"Flash Attention 3 from {repo}"
@@ -97,34 +189,70 @@ def load_fa3():
         return None, " ".join(f"no Flash Attention 3 from {repo} ({type(e).__name__}: {e})".split())
 
 
-def select_attention_backend():
-    """Choose the attention backend once, at import.
+FA3_CHECK_TOL = 2e-2  # bf16 keeps 8 significant bits (relative 2**-9); FA3 also rounds the softmax weights to bf16
 
-    AUTORESEARCH_ATTENTION=fa3|flex|sdpa forces one. Otherwise CUDA takes the first that can run of FA3,
-    FlexAttention (a Triton kernel, so it needs Triton) and SDPA; CPU and MPS take SDPA.
-    Returns (backend, reason, fa3 module or None). Raises SystemExit if the forced backend is unknown or cannot run.
+
+def fa3_check(fa3, device="cuda"):
+    """Run one small causal, sliding-window forward and backward through FA3 and compare it with SDPA in float32.
+
+    A build can load and still have no kernel for this GPU (it then raises at the first call) or compute
+    something else. Returns None if output and gradients agree within FA3_CHECK_TOL (relative error), else
+    the reason, on one line. Never raises.
+    """
+    try:
+        B, T, H, D, window = 2, 256, 2, 128, 64
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.bfloat16, requires_grad=True)
+                   for _ in range(3))
+        dy = torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.bfloat16)
+        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
+        grads = torch.autograd.grad(y, (q, k, v), dy)
+        dist = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]
+        q32, k32, v32 = (t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v))
+        y_ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=(dist >= 0) & (dist <= window))
+        grads_ref = [g.transpose(1, 2) for g in torch.autograd.grad(y_ref, (q32, k32, v32), dy.float().transpose(1, 2))]
+        errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], [y_ref.transpose(1, 2), *grads_ref])]
+    except Exception as e:
+        return " ".join(f"fails at the first call ({type(e).__name__}: {e})".split())[:300]
+    if not max(errors) <= FA3_CHECK_TOL:  # also catches NaN
+        return f"differs from SDPA (relative errors of output, dq, dk, dv {', '.join(f'{e:.1e}' for e in errors)})"
+    return None
+
+
+def select_attention_backend(capability, is_rocm):
+    """Choose the attention backend once, at import, for a CUDA GPU of this compute capability (None: CPU, MPS).
+
+    AUTORESEARCH_ATTENTION=fa3|flex|sdpa forces one. Otherwise CUDA takes the first that runs of FA3 (where
+    fa3_repo has a build that loads and passes fa3_check), FlexAttention (Triton kernels: needs Triton and
+    compute capability 8.0+) and SDPA; CPU and MPS take SDPA. Returns (backend, reason, fa3 module or None).
+    Raises SystemExit if the forced backend is unknown or cannot run here.
     """
     forced = os.environ.get("AUTORESEARCH_ATTENTION", "").strip().lower()
     if forced not in ("", "fa3", "flex", "sdpa"):
         raise SystemExit(f"AUTORESEARCH_ATTENTION={forced!r}: expected fa3, flex or sdpa")
-    if forced == "fa3" and not ON_CUDA:
+    if forced == "fa3" and capability is None:
         raise SystemExit(f"AUTORESEARCH_ATTENTION=fa3: Flash Attention 3 needs CUDA, this run is on {DEVICE_TYPE}")
-    has_flex = not ON_CUDA or importlib.util.find_spec("triton") is not None
+    has_triton = importlib.util.find_spec("triton") is not None
+    has_flex = capability is None or (capability >= (8, 0) and has_triton)
     if forced == "flex" and not has_flex:
-        raise SystemExit("AUTORESEARCH_ATTENTION=flex: FlexAttention on CUDA needs Triton, which is not installed")
-    if forced in ("flex", "sdpa") or not ON_CUDA:
+        raise SystemExit("AUTORESEARCH_ATTENTION=flex: FlexAttention on CUDA needs Triton and compute capability 8.0+")
+    if forced in ("flex", "sdpa") or capability is None:
         return forced or "sdpa", "forced by AUTORESEARCH_ATTENTION" if forced else f"default on {DEVICE_TYPE}", None
-    fa3, reason = load_fa3()
+    fa3, reason = load_fa3(capability, is_rocm)
     if fa3 is not None:
-        return "fa3", reason + ("; forced by AUTORESEARCH_ATTENTION" if forced else ""), fa3
+        failure = fa3_check(fa3)
+        if failure is None:
+            return "fa3", reason + ("; forced by AUTORESEARCH_ATTENTION" if forced else ""), fa3
+        reason = f"{reason} loads but {failure}"
     if forced:
         raise SystemExit(f"AUTORESEARCH_ATTENTION=fa3: {reason}")
     if has_flex:
         return "flex", f"{reason}; FlexAttention with a sliding-window block mask instead", None
-    return "sdpa", f"{reason}; no Triton for FlexAttention; SDPA with a boolean mask instead", None
+    why = "compute capability below 8.0" if has_triton else "no Triton"
+    return "sdpa", f"{reason}; no FlexAttention ({why}); SDPA with a boolean mask instead", None
 
 
-ATTENTION_BACKEND, ATTENTION_REASON, fa3 = select_attention_backend()
+ATTENTION_BACKEND, ATTENTION_REASON, fa3 = select_attention_backend(CAPABILITY, IS_ROCM)
 # FlexAttention is fast only when compiled into one fused kernel. On CPU, torch 2.9 cannot compile its
 # backward, so CPU tensors run it eagerly: exact, but it materialises the (T, T) scores.
 compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else None
@@ -175,6 +303,29 @@ def attention(q, k, v, window):
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
     return y.transpose(1, 2)
+
+
+def fit_device_batch(batch_size, total_memory, config, num_params):
+    """Halve batch_size until the predicted peak memory of a training step fits in 90% of total_memory.
+
+    Decided before the first step (not by catching out-of-memory errors, which would come after compiling).
+    Predicted peak, in bytes: 16 per parameter (weights, gradients, two optimizer states) plus, per token,
+    what the compiled forward keeps for the backward: 42 * n_layer * n_embd + 8 * vocab_size, fitted by
+    bench/simulate_gpu.py to torch.compile's own partition of the step (41.2 and 8.0 there). That is 34% above
+    the reference's measured 45,060 MB at batch 128 on an H100, which keeps 128 (see bench/RESULTS.md).
+    total_memory: bytes, or None (not CUDA: keep batch_size). Returns batch_size // 2**k, at least 1, and
+    prints one line when that differs from batch_size (main() keeps TOTAL_BATCH_SIZE by gradient accumulation).
+    """
+    per_token = 42 * config.n_layer * config.n_embd + 8 * config.vocab_size
+    predict = lambda b: 16 * num_params + b * config.sequence_len * per_token  # noqa: E731
+    fitted = batch_size
+    while total_memory is not None and fitted > 1 and predict(fitted) > 0.9 * total_memory:
+        fitted //= 2
+    if fitted != batch_size:
+        print(f"DEVICE_BATCH_SIZE {batch_size} -> {fitted}: {batch_size} would need ~{predict(batch_size) / 2**30:.1f} GiB "
+              f"of this GPU's {total_memory / 2**30:.1f} GiB, {fitted} ~{predict(fitted) / 2**30:.1f} GiB; "
+              f"TOTAL_BATCH_SIZE kept by gradient accumulation")
+    return fitted
 
 
 # ---------------------------------------------------------------------------
@@ -311,7 +462,7 @@ class GPT(nn.Module):
         device = self.transformer.wte.weight.device
         inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
         freqs = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-        cos, sin = freqs.cos().to(COMPUTE_DTYPE), freqs.sin().to(COMPUTE_DTYPE)
+        cos, sin = freqs.cos().to(AMP_DTYPE), freqs.sin().to(AMP_DTYPE)
         return cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, D/2)
 
     @staticmethod
@@ -405,11 +556,13 @@ def muon_step_fused(grads, params, momentum_buf, second_buf, momentum_t, lr_t, w
 
     Nesterov momentum, Polar Express orthogonalisation (Amsel et al. 2025) in
     COMPUTE_DTYPE, NorMuon variance reduction (Li et al. 2025) along red_dim
-    (-1: per row, -2: per column), cautious weight decay. See SPEC.md.
+    (-1: per row, -2: per column), cautious weight decay. See SPEC.md. The scalars are cast as the reference
+    casts them (bf16 on CUDA, no-ops where COMPUTE_DTYPE is float32): they move the result at the 1e-3 level.
     """
-    # Nesterov momentum
-    momentum_buf.lerp_(grads, 1 - momentum_t)
-    g = grads.lerp_(momentum_buf, momentum_t)
+    # Nesterov momentum, the momentum in the gradients' dtype
+    momentum = momentum_t.to(grads.dtype)
+    momentum_buf.lerp_(grads, 1 - momentum)
+    g = grads.lerp_(momentum_buf, momentum)
     # Polar Express: drive all singular values towards 1
     X = g.to(COMPUTE_DTYPE)
     X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
@@ -424,18 +577,21 @@ def muon_step_fused(grads, params, momentum_buf, second_buf, momentum_t, lr_t, w
             B = b * A + c * (A @ A)
             X = a * X + B @ X
     g = X
-    # NorMuon: normalise per-row (or per-column) second moments, keep the Frobenius norm
+    # NorMuon: normalise per-row (or per-column) second moments, keep the Frobenius norm.
+    # beta2 in COMPUTE_DTYPE: on CUDA the EMA weight is 1 - bf16(0.95) = 0.05078125
+    beta2 = beta2_t.to(COMPUTE_DTYPE)
     v_mean = g.float().square().mean(dim=red_dim, keepdim=True)
     red_size = g.size(red_dim)
     v_norm = (v_mean.sum(dim=(-2, -1), keepdim=True) * red_size).sqrt()
-    second_buf.lerp_(v_mean.to(second_buf.dtype), 1 - beta2_t)
+    second_buf.lerp_(v_mean.to(second_buf.dtype), 1 - beta2)
     step_size = second_buf.clamp_min(1e-10).rsqrt()
     v_norm_new = ((v_mean * red_size) * step_size.float().square()).sum(dim=(-2, -1), keepdim=True).sqrt()
     g = g * (step_size * (v_norm / v_norm_new.clamp_min(1e-10))).to(g.dtype)
-    # cautious weight decay: only where the update and the weight agree in sign
-    g = g.to(params.dtype)
+    # cautious weight decay: only where the update and the weight agree in sign. lr and wd in COMPUTE_DTYPE,
+    # so lr * g is formed in COMPUTE_DTYPE (bf16 on CUDA) and the decay term and the mask in float32
+    lr, wd = lr_t.to(COMPUTE_DTYPE), wd_t.to(COMPUTE_DTYPE)
     mask = (g * params) >= 0
-    params.sub_(lr_t * g + lr_t * wd_t * params * mask)
+    params.sub_(lr * g + lr * wd * params * mask)
 
 
 if USE_COMPILE:
@@ -506,13 +662,17 @@ class MuonAdamW(torch.optim.Optimizer):
 # Hyperparameters (edit these directly, no CLI flags)
 # ---------------------------------------------------------------------------
 
+# Where a line has two values, the first is the CUDA value (the reference's) and the `else` value applies on
+# CPU and MPS: the reference model would take ~1 min a step there, so they run a smaller profile, chosen by
+# 300 s runs on a 2-core CPU (README, "The CPU profile"). Edit the value for the device you run on.
+
 # Model architecture
-ASPECT_RATIO = 64       # model_dim = DEPTH * ASPECT_RATIO
-HEAD_DIM = 128          # target head dimension for attention
-WINDOW_PATTERN = "SSSL"  # sliding-window pattern: L = full context, S = half context
+ASPECT_RATIO = 64                                # model_dim = DEPTH * ASPECT_RATIO
+HEAD_DIM = 128 if ON_CUDA else 64                # target head dimension for attention
+WINDOW_PATTERN = "SSSL" if ON_CUDA else "L"      # sliding-window pattern: L = full context, S = half context
 
 # Optimization
-TOTAL_BATCH_SIZE = 2**19  # tokens per optimizer step
+TOTAL_BATCH_SIZE = 2**19 if ON_CUDA else 2**12   # tokens per optimizer step
 EMBEDDING_LR = 0.6        # token and value embeddings (Adam)
 UNEMBEDDING_LR = 0.004    # lm_head (Adam)
 MATRIX_LR = 0.04          # block matrices (Muon)
@@ -524,14 +684,8 @@ WARMDOWN_RATIO = 0.5      # fraction of the time budget for LR warmdown
 FINAL_LR_FRAC = 0.0       # final LR as a fraction of the initial one
 
 # Model size
-DEPTH = 8                 # number of transformer layers
-DEVICE_BATCH_SIZE = 128   # per-device batch size (reduce if out of memory)
-
-# CPU/MPS profile: the reference model would take ~1 min a step there. Chosen by
-# measuring 300 s runs on a 2-core CPU (see README); CUDA keeps the values above.
-if not ON_CUDA:
-    DEPTH, ASPECT_RATIO, HEAD_DIM, WINDOW_PATTERN = 4, 64, 64, "L"
-    TOTAL_BATCH_SIZE, DEVICE_BATCH_SIZE = 2**12, 16
+DEPTH = 8 if ON_CUDA else 4                      # number of transformer layers
+DEVICE_BATCH_SIZE = 128 if ON_CUDA else 16       # per-device batch size (reduce if out of memory)
 
 
 def build_model_config(depth, vocab_size):
@@ -566,15 +720,20 @@ def get_weight_decay(progress):
 # ---------------------------------------------------------------------------
 
 def main():
+    print(f"platform: {platform_name()}")
     t_start = time.time()
     torch.manual_seed(42)
     if ON_CUDA:
         torch.cuda.manual_seed(42)
     torch.set_float32_matmul_precision("high")
     device = torch.device(DEVICE_TYPE)
-    autocast_ctx = torch.amp.autocast(device_type=DEVICE_TYPE, dtype=torch.bfloat16, enabled=ON_CUDA)
+    autocast_ctx = torch.amp.autocast(device_type=DEVICE_TYPE, dtype=AMP_DTYPE, enabled=AMP_DTYPE != torch.float32)
+    # Dynamic loss scaling for fp16, so small gradients do not flush to zero: the scaler unscales the gradients
+    # before the optimizer step and skips the step when one is inf or NaN. A no-op in bf16 and float32.
+    scaler = torch.amp.GradScaler(DEVICE_TYPE, enabled=AMP_DTYPE == torch.float16)
     peak_flops = get_peak_flops()
-    print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); compile: {USE_COMPILE}")
+    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, dynamic loss scaling"}.get(AMP_DTYPE, "float32")
+    print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); precision: {precision}; compile: {USE_COMPILE}")
     print(f"attention: {ATTENTION_BACKEND} ({ATTENTION_REASON})")
 
     tokenizer = Tokenizer.from_directory()
@@ -590,7 +749,9 @@ def main():
     num_flops_per_token = model.estimate_flops()
     print(f"Parameters: {num_params:,}; FLOPs per token: {num_flops_per_token:e}")
 
-    tokens_per_fwdbwd = DEVICE_BATCH_SIZE * MAX_SEQ_LEN
+    total_memory = torch.cuda.get_device_properties(device).total_memory if ON_CUDA else None
+    device_batch_size = fit_device_batch(DEVICE_BATCH_SIZE, total_memory, config, num_params)
+    tokens_per_fwdbwd = device_batch_size * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
@@ -600,7 +761,7 @@ def main():
     if USE_COMPILE:
         model = torch.compile(model, dynamic=False)
 
-    train_loader = make_dataloader(tokenizer, DEVICE_BATCH_SIZE, MAX_SEQ_LEN, "train")
+    train_loader = make_dataloader(tokenizer, device_batch_size, MAX_SEQ_LEN, "train")
     x, y, epoch = next(train_loader)  # first batch
     print(f"Time budget: {TIME_BUDGET}s; gradient accumulation steps: {grad_accum_steps}")
 
@@ -614,7 +775,7 @@ def main():
             with autocast_ctx:
                 loss = model(x, y)
             train_loss = loss.detach()
-            (loss / grad_accum_steps).backward()
+            scaler.scale(loss / grad_accum_steps).backward()
             x, y, epoch = next(train_loader)
 
         progress = min(total_training_time / TIME_BUDGET, 1.0)
@@ -624,7 +785,8 @@ def main():
             if group["kind"] == "muon":
                 group["momentum"] = get_muon_momentum(step)
                 group["weight_decay"] = get_weight_decay(progress)
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         model.zero_grad(set_to_none=True)
 
         train_loss_f = train_loss.item()
@@ -662,7 +824,7 @@ def main():
     total_tokens = step * TOTAL_BATCH_SIZE
     model.eval()
     with autocast_ctx:
-        val_bpb = evaluate_bpb(model, tokenizer, DEVICE_BATCH_SIZE)
+        val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
 
     t_end = time.time()
     counted = TOTAL_BATCH_SIZE * (step - 10)

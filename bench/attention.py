@@ -41,7 +41,7 @@ def available_backends():
     fa3_reason = f"needs CUDA, this is {train.DEVICE_TYPE}"
     if train.ON_CUDA:
         if train.fa3 is None:
-            train.fa3, fa3_reason = train.load_fa3()
+            train.fa3, fa3_reason = train.load_fa3(train.CAPABILITY, train.IS_ROCM)
         fa3_reason = None if train.fa3 is not None else fa3_reason
     return [("fa3", fa3_reason), ("flex", None), ("sdpa", None)]
 

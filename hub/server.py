@@ -419,8 +419,11 @@ def push(hub, agent_id, data):
                 crash_point("push:committed")
                 hub.pushes += 1
                 if hub.pushes % REPACK_EVERY == 0:  # one pack per push would slow every object lookup
-                    git(hub.repo, "repack", "-a", "-d", "-q")
-                    git(hub.repo, "pack-refs", "--all")
+                    try:
+                        git(hub.repo, "repack", "-a", "-d", "-q")
+                        git(hub.repo, "pack-refs", "--all")
+                    except HubError as error:  # the push is recorded: a failed repack is only slower lookups
+                        print(f"hub: {error.message}", file=sys.stderr, flush=True)
         return {"added": records}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -161,7 +161,7 @@ def test_compiled_model_reads_cached_masks_without_graph_break(backend):
 @pytest.mark.parametrize("forced,expected", [("", "sdpa"), ("sdpa", "sdpa"), ("flex", "flex"), (" FLEX ", "flex")])
 def test_backend_selection_on_cpu(monkeypatch, forced, expected):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", forced)
-    backend, reason, fa3 = train.select_attention_backend()
+    backend, reason, fa3 = train.select_attention_backend(None, False)
     assert (backend, fa3) == (expected, None)
     assert reason == ("forced by AUTORESEARCH_ATTENTION" if forced else "default on cpu")
 
@@ -170,7 +170,7 @@ def test_backend_selection_on_cpu(monkeypatch, forced, expected):
 def test_forcing_a_backend_that_cannot_run_exits(monkeypatch, forced, message):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", forced)
     with pytest.raises(SystemExit, match=message):
-        train.select_attention_backend()
+        train.select_attention_backend(None, False)
 
 
 def test_import_on_cpu_is_offline_and_skips_fa3():

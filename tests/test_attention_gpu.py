@@ -22,7 +22,7 @@ FORWARD_TOL, GRAD_TOL = 1e-2, 2e-2
 
 @pytest.fixture(scope="module")
 def fa3_loaded():
-    return train.load_fa3()
+    return train.load_fa3(torch.cuda.get_device_capability(), torch.version.hip is not None)
 
 
 @pytest.fixture(params=["fa3", "flex", "sdpa"])
