@@ -122,8 +122,9 @@ def test_attention_line_says_fa3_when_the_hub_answers(monkeypatch, tmp_path, cap
     """The real `kernels.get_kernel` runs with only the hub's download mocked: it must return the FA3 build
     and the `attention:` line must say fa3. With a `kernels` that refuses get_kernel(repo) (0.17 wants a
     version or revision) or wants trust settings, this fails."""
-    import kernels.utils
+    import kernels
 
+    hub_client = sys.modules[kernels.get_kernel.__module__]  # where get_kernel finds snapshot_download
     repo = train.fa3_repo(capability, False)
     package = repo.split("/")[-1].replace("-", "_")
     variant_dir = tmp_path / "build" / "torch-universal" / package
@@ -139,7 +140,7 @@ def test_attention_line_says_fa3_when_the_hub_answers(monkeypatch, tmp_path, cap
         downloads.append((repo_id, kwargs.get("revision")))
         return str(tmp_path)
 
-    monkeypatch.setattr(kernels.utils, "snapshot_download", snapshot_download)
+    monkeypatch.setattr(hub_client, "snapshot_download", snapshot_download)
     monkeypatch.setattr(train, "fa3_check", functools.partial(train.fa3_check, device="cpu"))
     monkeypatch.delenv("AUTORESEARCH_ATTENTION", raising=False)
     backend, reason, module = train.select_attention_backend(capability, False)
