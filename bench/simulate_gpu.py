@@ -404,18 +404,22 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="skip the eager tracker and the per-GPU steps")
     parser.add_argument("--fit", action="store_true", help="only fit the rule's per-token bytes (a few minutes)")
+    parser.add_argument("--gpus", action="store_true", help="only the per-GPU table")
     args = parser.parse_args()
     if args.fit:
         per_token, a, c, e = fit_per_token_bytes()
         for (L, d, V), b in per_token.items():
             print(f"n_layer {L} n_embd {d:4d} vocab {V:5d}: {b:9,.0f} saved bytes per token; "
-                  f"fit {a * L * d + c * V + e * d:9,.0f}; rule 42 L d + 8 V: {42 * L * d + 8 * V:9,}")
+                  f"fit {a * L * d + c * V + e * d:9,.0f}; rule 50 L d + 8 V: {50 * L * d + 8 * V:9,}")
         print(f"saved bytes per token = {a:.2f} * n_layer * n_embd + {c:.2f} * vocab_size + {e:.2f} * n_embd")
         return
     config = reference_config()
     num_params = sum(p.numel() for p in meta_model(config).parameters())
     print(f"simulate_gpu.py: torch {torch.__version__}, {datetime.date.today()}, reference config {config}")
     print(f"parameters: {num_params:,}")
+
+    if args.gpus:
+        return per_gpu_table(config, args.quick)
 
     print("\n## FLOPs per token (training: forward + backward)")
     counted, by_op = counted_flops_per_token(config)
@@ -454,10 +458,12 @@ def main():
     for name, breaks in optimizer_graph_breaks().items():
         print(f"{name}: {breaks}")
 
+    per_gpu_table(config, args.quick)
+
+
+def per_gpu_table(config, quick):
+    """Print, per GPU in GPUS: the choices, the rule's and the simulation's memory, and a simulated step."""
     print("\n## Per GPU: what train.py chooses, and one simulated step at that batch")
-    if not hasattr(train, "select_amp_dtype"):
-        print("needs train.select_amp_dtype and select_attention_backend(capability, is_rocm) (issue 12)")
-        return
     print("rule: fit_device_batch's prediction at the chosen batch; sim: weights, gradients and optimizer state +"
           " the compiled forward's saved tensors (min-cut at batch 128, scaled to the batch), in this autocast dtype")
     print(f"{'GPU':15s} {'cc':>5s} {'GiB':>6s} {'attention':9s} {'autocast':9s} {'batch':>5s} {'accum':>5s} "
@@ -474,7 +480,7 @@ def main():
         persistent, saved = sim_at_128[amp_dtype]
         sim = persistent + saved * batch / REFERENCE_BATCH
         rule = predicted_bytes(config, batch)
-        if args.quick:
+        if quick:
             status, accum = "skipped (--quick)", 2**19 // (batch * config.sequence_len)
         else:
             accum, seconds = simulated_step(config, backend, amp_dtype, batch)

