@@ -311,14 +311,15 @@ def fit_device_batch(batch_size, total_memory, config, num_params):
 
     Decided before the first step (not by catching out-of-memory errors, which would come after compiling).
     Predicted peak, in bytes: 16 per parameter (weights, gradients, two optimizer states) plus, per token,
-    what the compiled forward keeps for the backward: 50 * n_layer * n_embd + 8 * vocab_size. That covers
-    torch.compile's own partition of the step as bench/simulate_gpu.py measures it, for bf16 (41.2 * L * d
-    + 8.0 * V) and for fp16 (float32 embeddings: ~49 * L * d + 8 * V at the reference), and is 52% above the
-    reference's measured 45,060 MB at batch 128 on an H100, which keeps 128 (see bench/RESULTS.md).
+    what the compiled forward keeps for the backward: (48 * n_layer + 24) * n_embd + 8 * vocab_size. That
+    covers torch.compile's own partition of the step as bench/simulate_gpu.py measures it, in bf16 (41.2 *
+    n_layer * n_embd + 8 * vocab_size) and in fp16, whose float32 embeddings save more (~49 * n_layer * n_embd
+    at the reference), and is 54% above the reference's measured 45,060 MB at batch 128 on an H100, which
+    keeps 128 (bench/RESULTS.md).
     total_memory: bytes, or None (not CUDA: keep batch_size). Returns batch_size // 2**k, at least 1, and
     prints one line when that differs from batch_size (main() keeps TOTAL_BATCH_SIZE by gradient accumulation).
     """
-    per_token = 50 * config.n_layer * config.n_embd + 8 * config.vocab_size
+    per_token = (48 * config.n_layer + 24) * config.n_embd + 8 * config.vocab_size
     predict = lambda b: 16 * num_params + b * config.sequence_len * per_token  # noqa: E731
     fitted = batch_size
     while total_memory is not None and fitted > 1 and predict(fitted) > 0.9 * total_memory:

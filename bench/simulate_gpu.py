@@ -410,7 +410,7 @@ def main():
         per_token, a, c, e = fit_per_token_bytes()
         for (L, d, V), b in per_token.items():
             print(f"n_layer {L} n_embd {d:4d} vocab {V:5d}: {b:9,.0f} saved bytes per token; "
-                  f"fit {a * L * d + c * V + e * d:9,.0f}; rule 50 L d + 8 V: {50 * L * d + 8 * V:9,}")
+                  f"fit {a * L * d + c * V + e * d:9,.0f}; rule: {(48 * L + 24) * d + 8 * V:9,}")
         print(f"saved bytes per token = {a:.2f} * n_layer * n_embd + {c:.2f} * vocab_size + {e:.2f} * n_embd")
         return
     config = reference_config()

@@ -24,7 +24,7 @@ REFERENCE_PARAMS = 50_332_176  # the reference's num_params_M 50.3
 
 def naive_predicted_peak(batch, config, num_params):
     """The rule as its docstring states it, in bytes."""
-    return 16 * num_params + batch * config.sequence_len * (50 * config.n_layer * config.n_embd + 8 * config.vocab_size)
+    return 16 * num_params + batch * config.sequence_len * ((48 * config.n_layer + 24) * config.n_embd + 8 * config.vocab_size)
 
 
 def fit(batch, total_memory, config=REFERENCE, num_params=REFERENCE_PARAMS):
@@ -37,7 +37,7 @@ def test_reference_parameter_count():
 
 # total_memory as torch reports it for one card of each size, a little under the marketing figure
 @pytest.mark.parametrize("gb, reported_mib, expected", [
-    (16, 15_095, 16),    # Tesla T4: 32 would need ~17.3 GiB of its 14.7
+    (16, 15_095, 16),    # Tesla T4: 32 would need ~17.5 GiB of its 14.7
     (24, 24_080, 32),    # RTX 4090
     (40, 40_339, 64),    # A100 40GB
     (48, 45_488, 64),    # L40S (A6000: 48,676 MiB)
@@ -56,8 +56,8 @@ def test_batch_for_each_memory_size(gb, reported_mib, expected, capsys):
 
 
 def test_rule_hand_computed_at_the_reference():
-    # 16 * 50,332,176 + 128 * 2048 * (50 * 8 * 512 + 8 * 8192) = 805,314,816 + 70,866,960,384
-    predicted = 71_672_275_200
+    # 16 * 50,332,176 + 128 * 2048 * ((48 * 8 + 24) * 512 + 8 * 8192) = 805,314,816 + 71,940,702,208
+    predicted = 72_746_017_024
     assert naive_predicted_peak(128, REFERENCE, REFERENCE_PARAMS) == predicted
     threshold = -(-predicted * 10 // 9)  # the smallest total_memory with predicted <= 0.9 * total_memory
     assert fit(128, threshold) == 128
@@ -84,7 +84,7 @@ def test_no_memory_figure_keeps_the_batch(capsys):
 
 
 @pytest.mark.parametrize("n_layer, n_embd, vocab_size, batch, amp_dtype", [
-    (2, 128, 512, 4, "bfloat16"), (3, 256, 1024, 2, "bfloat16"), (3, 256, 1024, 2, "float16")])
+    (2, 128, 512, 64, "bfloat16"), (3, 256, 1024, 64, "bfloat16"), (3, 256, 1024, 64, "float16")])
 def test_rule_never_predicts_below_the_simulated_compiled_peak(n_layer, n_embd, vocab_size, batch, amp_dtype):
     # weights + grads + optimizer state + what torch.compile's min-cut partition saves for the backward,
     # measured on a meta-device model with CUDA's autocast and FlashAttention's saved tensors
