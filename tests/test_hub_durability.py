@@ -153,8 +153,11 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path):
                 pass  # killed mid-request: not acknowledged
 
         thread = threading.Thread(target=agent)
+        start, deadline = step[0], time.monotonic() + TIMEOUT
         thread.start()
-        time.sleep(rng.uniform(0.2, 1.5))
+        while step[0] == start < len(bundles) and time.monotonic() < deadline:  # progress first, however slow
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.5))
         hub.kill()
         thread.join(timeout=TIMEOUT)
     hub = HubProcess(data)
@@ -163,7 +166,7 @@ def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path):
         assert acked_commits <= {r["hash"] for r in records}
         stored = [p["content"] for p in all_posts(hub, auth)][::-1]
         assert stored[:len(acked_posts)] == acked_posts and len(stored) - len(acked_posts) <= 5  # in order, once
-        assert len(acked_commits) > 3 and len(set(stored)) == len(stored)
+        assert len(acked_commits) >= 5 and len(set(stored)) == len(stored)
     finally:
         hub.kill()
 
