@@ -903,24 +903,34 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
-    """Bits per byte of `model` on the first EVAL_TOKENS tokens of the validation shard.
+    """Bits per byte of `model` on the first EVAL_TOKENS // MAX_SEQ_LEN rows of the validation loader.
 
     model(x, y, reduction="none") must return per-token cross-entropy in nats,
     shape (B*T,) or (B, T). The sum of the losses of targets that decode to at
     least one byte (special tokens excluded) is divided by ln 2 times the total
     UTF-8 byte length of the targets. Unlike loss per token, this does not
     depend on the vocabulary, so tokenizer changes stay comparable.
+
+    The rows scored do not depend on batch_size: the packer fills rows one
+    after the other whatever B is, and the last batch counts only the rows it
+    still needs (its other rows are computed and ignored, so the model always
+    sees batches of one shape and a compiled model does not recompile). When
+    batch_size divides the row count this is the reference's computation,
+    EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) full batches; otherwise the
+    reference would score fewer rows.
     """
     token_bytes = get_token_bytes(device=DEVICE_TYPE)
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
-    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
-    assert steps > 0, f"EVAL_TOKENS={EVAL_TOKENS} is less than one batch of {batch_size}x{MAX_SEQ_LEN}"
+    rows = EVAL_TOKENS // MAX_SEQ_LEN
+    assert rows > 0, f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of {MAX_SEQ_LEN}"
     total_nats = 0.0
     total_bytes = 0
-    for _ in range(steps):
+    for start in range(0, rows, batch_size):
         x, y, _ = next(loader)
-        loss = model(x, y, reduction="none").view(-1)
-        nbytes = token_bytes[y.view(-1)]
+        loss = model(x, y, reduction="none").view(y.shape)
+        n = min(batch_size, rows - start)  # rows of this batch that count
+        loss, y = loss[:n].reshape(-1), y[:n].reshape(-1)
+        nbytes = token_bytes[y]
         total_nats += (loss * (nbytes > 0)).sum().item()
         total_bytes += nbytes.sum().item()
     return total_nats / (math.log(2) * total_bytes)

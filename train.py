@@ -567,9 +567,10 @@ def get_weight_decay(progress):
 
 def main():
     t_start = time.time()
-    torch.manual_seed(42)
+    seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))  # another seed re-runs a commit independently
+    torch.manual_seed(seed)
     if ON_CUDA:
-        torch.cuda.manual_seed(42)
+        torch.cuda.manual_seed(seed)
     torch.set_float32_matmul_precision("high")
     device = torch.device(DEVICE_TYPE)
     autocast_ctx = torch.amp.autocast(device_type=DEVICE_TYPE, dtype=torch.bfloat16, enabled=ON_CUDA)
