@@ -21,16 +21,16 @@ being measured when the budget runs out is not kept. Three rules:
     mean differences below zero is at least 0.95; the bootstrap distribution is
     enumerated exactly: 27 x 27 equally likely resample pairs). A kept idea's
     three runs become the best's.
-(c) sequential, ours (program.md): the baseline runs twice (that is also the
-    noise floor); se = sigma * sqrt(1/n_idea + 1/n_best) compares the idea's
-    mean with the best's mean (sigma is the noise floor measured in setup).
-    After each run of an idea, with diff = mean(idea) - mean(best):
-      - diff >= -DISCARD_SE * se (not clearly better): discard;
-      - diff < -KEEP_SE * se and the idea has run at least twice: keep;
-      - else, ambiguous: run again, up to MAX_RUNS runs, then discard.
-    A kept idea's runs become the best's runs, and the best is re-measured
-    once (a fresh run of the kept code) before the next idea whenever it has
-    fewer than two runs that were not used to select it. (Details: Rule C.)
+(c) sequential, ours (program.md): the baseline runs three times (that also
+    measures the noise floor sigma); an idea's mean is compared with the best's
+    mean, with se = sigma * sqrt(1/n_idea + 1/n_best). After each run of an
+    idea, with diff = mean(idea) - mean(best):
+      - diff >= -1.0 se (not clearly better): discard; most ideas end here;
+      - diff < -2.5 se after one run, or < -1.5 se after two: keep;
+      - else, ambiguous: run it again; after two runs, discard.
+    A kept idea's runs become the best's runs, and the new best runs once
+    more before the next idea: its mean then rests on a run that was not
+    used to select it. (RuleC; its knobs include the variants we tried.)
 
 The true improvement reached after 100 runs is the objective; a "false keep" is
 a kept idea whose true effect is >= 0 (it did not really improve anything).
@@ -84,59 +84,56 @@ class Loop:
     """R independent agent loops, advanced one run at a time.
 
     State per loop: the true val_bpb of the best code (mu, starts at 0), the
-    current idea's true effect (d), the runs of the best code (best, n_best;
-    `fresh` counts those not used to select it) and of the current idea (idea,
-    n_idea). Rules call run() once per step, then keep()/discard().
+    current idea's true effect (d), and the runs of the best code and of the
+    current idea as counts and sums (the first three runs are also kept, for
+    the bootstrap); `fresh` counts the best's runs not used to select it.
+    Rules call run() once per step, then keep()/discard().
     """
 
-    def __init__(self, reps, sigma, draw, rng, width=BUDGET + 1):
+    def __init__(self, reps, sigma, draw, rng):
         self.R, self.sigma, self.draw, self.rng = reps, sigma, draw, rng
         self.mu = np.zeros(reps)
         self.d = draw(reps)
-        self.best = np.full((reps, width), np.nan)
-        self.n_best = np.zeros(reps, dtype=int)
+        self.n_best, self.sum_best, self.first_best = np.zeros(reps, dtype=int), np.zeros(reps), np.zeros((reps, 3))
+        self.n_idea, self.sum_idea, self.first_idea = np.zeros(reps, dtype=int), np.zeros(reps), np.zeros((reps, 3))
         self.fresh = np.zeros(reps, dtype=int)
-        self.idea = np.full((reps, width), np.nan)
-        self.n_idea = np.zeros(reps, dtype=int)
         self.runs = np.zeros(reps, dtype=int)
         self.keeps = np.zeros(reps, dtype=int)
         self.false_keeps = np.zeros(reps, dtype=int)
         self.decisions = np.zeros(reps, dtype=int)
-        self.kept_effects = np.zeros(reps)
+        self.helpful_decided = np.zeros(reps, dtype=int)  # decided ideas with a true effect < 0
 
     def run(self, of_idea):
         """One run per loop: of the current idea where of_idea (bool array), else of the best code."""
-        rows = np.arange(self.R)
         obs = self.mu + np.where(of_idea, self.d, 0.0) + self.sigma * self.rng.standard_normal(self.R)
-        i, b = of_idea, ~of_idea
-        self.idea[rows[i], self.n_idea[i]] = obs[i]
-        self.n_idea[i] += 1
-        self.best[rows[b], self.n_best[b]] = obs[b]
-        self.n_best[b] += 1
-        self.fresh[b] += 1
+        for mask, n, total, first in ((of_idea, self.n_idea, self.sum_idea, self.first_idea),
+                                      (~of_idea, self.n_best, self.sum_best, self.first_best)):
+            early = mask & (n < 3)
+            first[early, n[early]] = obs[early]
+            total[mask] += obs[mask]
+            n[mask] += 1
+        self.fresh[~of_idea] += 1
         self.runs += 1
+        return obs
 
     def best_mean(self):
-        return np.nanmean(self.best, axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.sum_best / self.n_best
 
     def idea_mean(self):
-        with np.errstate(invalid="ignore"):
-            return np.nansum(self.idea, axis=1) / self.n_idea
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return self.sum_idea / self.n_idea
 
-    def keep(self, mask, only_last=False):
-        """Keep the idea in these loops: its runs (or only its last run) become the best's runs."""
+    def keep(self, mask, only_last=None):
+        """Keep the idea in these loops: its runs become the best's runs (or only `only_last`, its last value)."""
         self.mu[mask] += self.d[mask]
-        self.kept_effects[mask] += self.d[mask]
         self.keeps[mask] += 1
         self.false_keeps[mask & (self.d >= 0)] += 1
-        if only_last:
-            last = self.idea[np.arange(self.R), np.maximum(self.n_idea - 1, 0)]
-            self.best[mask] = np.nan
-            self.best[mask, 0] = last[mask]
-            self.n_best[mask] = 1
+        if only_last is not None:
+            self.n_best[mask], self.sum_best[mask], self.first_best[mask, 0] = 1, only_last[mask], only_last[mask]
         else:
-            self.best[mask] = self.idea[mask]
-            self.n_best[mask] = self.n_idea[mask]
+            self.n_best[mask], self.sum_best[mask] = self.n_idea[mask], self.sum_idea[mask]
+            self.first_best[mask] = self.first_idea[mask]
         self.fresh[mask] = 0
         self._next_idea(mask)
 
@@ -145,19 +142,18 @@ class Loop:
 
     def _next_idea(self, mask):
         self.decisions[mask] += 1
-        self.idea[mask] = np.nan
-        self.n_idea[mask] = 0
+        self.helpful_decided[mask & (self.d < 0)] += 1
+        self.n_idea[mask], self.sum_idea[mask] = 0, 0.0
         self.d[mask] = self.draw(int(mask.sum()))
 
 
 def rule_greedy(loop):
     """(a) The reference: one run per idea, keep any value below the last kept run."""
     for _ in range(BUDGET):
-        baseline = loop.n_best == 0
-        loop.run(~baseline)
-        decided = loop.n_idea == 1
-        better = loop.idea[:, 0] < loop.best[:, 0]
-        loop.keep(decided & better, only_last=True)
+        decided = loop.n_best > 0  # after the baseline run, every run is an idea's, decided at once
+        obs = loop.run(decided)
+        better = obs < loop.sum_best  # the last kept run's value
+        loop.keep(decided & better, only_last=obs)
         loop.discard(decided & ~better)
 
 
@@ -181,31 +177,35 @@ def rule_bootstrap(loop, level=0.95):
         baseline = loop.n_best < 3
         loop.run(~baseline)
         first = loop.n_idea == 1
-        fail_fast = first & (loop.idea[:, 0] > loop.best_mean())
+        fail_fast = first & (loop.first_idea[:, 0] > loop.best_mean())
         loop.discard(fail_fast)
         third = loop.n_idea == 3
         p = np.zeros(loop.R)
         if third.any():
-            p[third] = bootstrap_p_better(loop.idea[third, :3], loop.best[third, :3])
+            p[third] = bootstrap_p_better(loop.first_idea[third], loop.first_best[third])
         loop.keep(third & (p >= level))
         loop.discard(third & (p < level))
 
 
 @dataclass
 class RuleC:
-    """(c) Sequential: see the module docstring. Thresholds in standard errors of the difference of means."""
-    baseline_runs: int = 2
-    keep1_se: float = np.inf  # keep after a single run when below the best's mean by more than this
-    keep_se: float = 2.0      # keep after >= 2 runs when below by more than this many se
-    discard_se: float = 0.0   # discard unless the idea's mean is below the best's by more than this many se
-    max_runs: int = 4         # runs of one idea before it is given up
-    fresh_runs: int = 0       # re-measure a kept best until it has this many runs not used to select it
+    """(c) Sequential, program.md's rule; thresholds in standard errors of the difference of means.
+
+    The defaults are program.md's. The other knobs are the variants we tried: re-measuring a newly kept
+    best (fresh_runs) and re-running the best instead of an ambiguous idea (remeasure).
+    """
+    baseline_runs: int = 3    # setup: the baseline three times (this also measures the noise floor)
+    keep1_se: float = 2.5     # keep after a single run when below the best's mean by more than this
+    keep_se: float = 1.5      # keep after >= 2 runs when below by more than this many se
+    discard_se: float = 1.0   # discard unless the idea's mean is below the best's by more than this many se
+    max_runs: int = 2         # runs of one idea before it is given up
+    fresh_runs: int = 1       # after a keep, run the new best this many times more before the next idea
     remeasure: bool = False   # an ambiguous idea runs the best again first when the best has no more runs than it
 
     def __call__(self, loop):
         next_best = np.zeros(loop.R, dtype=bool)
         for _ in range(BUDGET):
-            of_best = next_best | (loop.n_best < self.baseline_runs) | (
+            of_best = next_best | ((loop.keeps == 0) & (loop.n_best < self.baseline_runs)) | (
                 (loop.n_idea == 0) & (loop.fresh < self.fresh_runs) & (loop.keeps > 0))
             loop.run(~of_best)
             n = loop.n_idea
@@ -245,6 +245,31 @@ def summarise(loop):
                 keeps=loop.keeps.mean(), runs_per_decision=loop.runs.sum() / max(loop.decisions.sum(), 1))
 
 
+def ideal_bound(sigma, dist, scale, ideas=200_000, seed=0, max_false=0.05):
+    """What a rule could reach if the best's true val_bpb were known for free (no baseline, no bias).
+
+    Each idea gets one run, and a second one when the first is ambiguous; over a grid of thresholds
+    (keep after one run, discard after one run, keep after two; in units of sigma / sqrt(n)), the best
+    true improvement per BUDGET runs among those with at most `max_false` false keeps.
+    Returns (gain, false_keep_share, runs_per_idea, thresholds) or None when none qualifies.
+    """
+    rng = np.random.default_rng(seed)
+    d = draw_effects(rng, dist, scale, ideas)
+    x1, x2 = d + sigma * rng.standard_normal(ideas), d + sigma * rng.standard_normal(ideas)
+    best = None
+    for k1, k0, k2 in itertools.product([1.0, 1.5, 2.0, 2.5, 3.0, np.inf], [-0.5, 0.0, 0.5, 1.0, 1.5],
+                                        [0.5, 1.0, 1.25, 1.5, 2.0, np.inf]):
+        keep1 = x1 < -k1 * sigma
+        second = ~keep1 & (x1 < -k0 * sigma)
+        keep = keep1 | (second & ((x1 + x2) / 2 < -k2 * sigma / np.sqrt(2)))
+        cost = 1 + second.mean()
+        gain = -(d * keep).mean() / cost * BUDGET
+        false = (keep & (d >= 0)).sum() / max(keep.sum(), 1)
+        if false <= max_false and (best is None or gain > best[0]):
+            best = (gain, false, cost, (k1, k0, k2))
+    return best
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--sigma-cpu", type=float, default=0.004, help="measured CPU noise (bench/noise.py)")
@@ -263,6 +288,16 @@ def main(argv=None):
                       f"{100 * s['false_keep_share']:.1f}% | {s['keeps']:.1f} | {s['runs_per_decision']:.2f} |",
                       flush=True)
     print(f"\n{args.reps} loops of {BUDGET} runs per cell, seed {args.seed}, {time.time() - t0:.0f} s")
+    print("\nBound: the best's true value known for free, one or two runs per idea, <= 5% false keeps")
+    print("| platform | effects | best true gain / 100 runs | false keeps | runs/idea | thresholds (k1, k0, k2) |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for platform, sigma in (("cpu", args.sigma_cpu), ("gpu", args.sigma_gpu)):
+        for dist_name, dist in EFFECTS.items():
+            b = ideal_bound(sigma, dist, SCALES[platform], seed=args.seed)
+            if b is None:
+                print(f"| {platform} | {dist_name} | none qualifies | | | |")
+            else:
+                print(f"| {platform} | {dist_name} | {b[0]:.4f} | {100 * b[1]:.1f}% | {b[2]:.2f} | {b[3]} |")
 
 
 if __name__ == "__main__":
