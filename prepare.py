@@ -903,27 +903,94 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
 
 @torch.no_grad()
 def evaluate_bpb(model, tokenizer, batch_size):
-    """Bits per byte of `model` on the first EVAL_TOKENS tokens of the validation shard.
+    """Bits per byte of `model` on the first EVAL_TOKENS // MAX_SEQ_LEN rows of the validation loader.
 
     model(x, y, reduction="none") must return per-token cross-entropy in nats,
     shape (B*T,) or (B, T). The sum of the losses of targets that decode to at
     least one byte (special tokens excluded) is divided by ln 2 times the total
     UTF-8 byte length of the targets. Unlike loss per token, this does not
     depend on the vocabulary, so tokenizer changes stay comparable.
+
+    The rows scored do not depend on batch_size: the packer fills rows one
+    after the other whatever B is, and the last batch counts only the rows it
+    still needs (its other rows are computed and ignored, so the model always
+    sees batches of one shape and a compiled model does not recompile). When
+    batch_size divides the row count this is the reference's computation,
+    EVAL_TOKENS // (batch_size * MAX_SEQ_LEN) full batches; otherwise the
+    reference would score fewer rows.
     """
     token_bytes = get_token_bytes(device=DEVICE_TYPE)
     loader = make_dataloader(tokenizer, batch_size, MAX_SEQ_LEN, "val")
-    steps = EVAL_TOKENS // (batch_size * MAX_SEQ_LEN)
-    assert steps > 0, f"EVAL_TOKENS={EVAL_TOKENS} is less than one batch of {batch_size}x{MAX_SEQ_LEN}"
+    rows = EVAL_TOKENS // MAX_SEQ_LEN
+    assert rows > 0, f"EVAL_TOKENS={EVAL_TOKENS} is less than one row of {MAX_SEQ_LEN}"
     total_nats = 0.0
     total_bytes = 0
-    for _ in range(steps):
+    for start in range(0, rows, batch_size):
         x, y, _ = next(loader)
-        loss = model(x, y, reduction="none").view(-1)
-        nbytes = token_bytes[y.view(-1)]
+        loss = model(x, y, reduction="none").view(y.shape)
+        n = min(batch_size, rows - start)  # rows of this batch that count
+        loss, y = loss[:n].reshape(-1), y[:n].reshape(-1)
+        nbytes = token_bytes[y]
         total_nats += (loss * (nbytes > 0)).sum().item()
         total_bytes += nbytes.sum().item()
     return total_nats / (math.log(2) * total_bytes)
+
+
+MIN_DISTINCT_ROWS = 0.9  # share of the evaluation's rows that must be distinct before check_val_split warns
+
+
+def check_val_split(tokenizer, buffer_size=1000):
+    """Say whether the validation split is large enough for evaluate_bpb to mean what it says.
+
+    evaluate_bpb reads the first EVAL_TOKENS // MAX_SEQ_LEN rows of the "val"
+    loader. When the split is small the loader cycles it to keep `buffer_size`
+    documents buffered, and the packer crops long documents and drops their
+    rest, so rows repeat and the evaluation may see only a handful of distinct
+    rows. This packs exactly those rows (no model: it costs what reading the
+    evaluation's tokens costs) and counts the distinct ones. The tokens of the
+    split are counted only when the rows needed a second pass over it.
+
+    Returns:
+        str: one line (documents, distinct rows) when the split is fine; a
+        WARNING of two lines when it has fewer documents than buffer_size,
+        fewer tokens than EVAL_TOKENS, or fewer than MIN_DISTINCT_ROWS of the
+        rows are distinct. The warning gives those counts and says that
+        val_bpb on this split is not comparable.
+    Raises:
+        SystemExit: the validation shard is missing (see split_paths).
+    """
+    (path,) = split_paths("val")
+    n_docs = pq.ParquetFile(path).metadata.num_rows
+    rows = EVAL_TOKENS // MAX_SEQ_LEN
+    batches = _token_batches(tokenizer, "val")
+    try:
+        packer = _pack_rows(batches, tokenizer.get_bos_token_id(), 1, MAX_SEQ_LEN, buffer_size)
+        distinct, cycled = set(), False
+        for _ in range(rows):
+            row, epoch = next(packer)
+            distinct.add(row.tobytes())
+            cycled |= epoch > 1
+    finally:
+        batches.close()
+    tokens = None  # not counted when one pass held every row: then it has more than EVAL_TOKENS
+    if cycled:
+        batches = _token_batches(tokenizer, "val")
+        try:  # one pass, BOS included; the split is small enough to have been cycled, so this is quick
+            tokens = 0
+            for docs, epoch in batches:
+                if epoch > 1:
+                    break
+                tokens += sum(len(ids) + 1 for ids in docs)
+        finally:
+            batches.close()
+    seen = f"{len(distinct):,} distinct rows of {rows:,}"
+    counts = f"{n_docs:,} documents" + (f", {tokens:,} tokens" if tokens is not None else "")
+    if n_docs >= buffer_size and (tokens is None or tokens >= EVAL_TOKENS) and len(distinct) >= MIN_DISTINCT_ROWS * rows:
+        return f"Validation split: {counts}; the evaluation reads {seen}"
+    return (f"WARNING: the validation split {path} is too small for the evaluation: {counts}, while the loader keeps "
+            f"{buffer_size:,} documents buffered and the evaluation reads {rows:,} rows of {MAX_SEQ_LEN} tokens "
+            f"(EVAL_TOKENS {EVAL_TOKENS:,}).\nWARNING: the evaluation sees {seen}: val_bpb on this split is not "
+            f"comparable with val_bpb on another split (use a validation shard with more documents and tokens).")
 
 
 # ---------------------------------------------------------------------------
@@ -944,6 +1011,7 @@ if __name__ == "__main__":
     try:
         download_data(num_shards, source=args.data_url, workers=args.download_workers)
         train_tokenizer()
+        print(check_val_split(Tokenizer.from_directory()))
     except KeyboardInterrupt:
         # nothing half-written counts as a shard or a tokenizer, so a rerun simply continues
         print("\nInterrupted: rerun prepare.py to continue; verified shards are kept.", file=sys.stderr)

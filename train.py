@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import DEVICE_REASON, DEVICE_TYPE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, evaluate_bpb, make_dataloader
+from prepare import (DEVICE_REASON, DEVICE_TYPE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, check_val_split, evaluate_bpb,
+                     make_dataloader)
 
 # ---------------------------------------------------------------------------
 # Device and attention backend: the only place where CUDA, MPS and CPU differ
@@ -722,12 +723,15 @@ def get_weight_decay(progress):
 # Training
 # ---------------------------------------------------------------------------
 
+PROGRESS_SECONDS = 5  # when stdout is not a terminal (run.log): one progress line this often
+
 def main():
     print(f"platform: {platform_name()}")
     t_start = time.time()
-    torch.manual_seed(42)
+    seed = int(os.environ.get("AUTORESEARCH_SEED", "42"))  # another seed re-runs a commit independently
+    torch.manual_seed(seed)
     if ON_CUDA:
-        torch.cuda.manual_seed(42)
+        torch.cuda.manual_seed(seed)
     torch.set_float32_matmul_precision("high")
     device = torch.device(DEVICE_TYPE)
     autocast_ctx = torch.amp.autocast(device_type=DEVICE_TYPE, dtype=AMP_DTYPE, enabled=AMP_DTYPE != torch.float32)
@@ -740,6 +744,7 @@ def main():
     print(f"attention: {ATTENTION_BACKEND} ({ATTENTION_REASON})")
 
     tokenizer = Tokenizer.from_directory()
+    print(check_val_split(tokenizer))  # warns when the metric would measure a handful of repeated rows
     vocab_size = tokenizer.get_vocab_size()
     config = build_model_config(DEPTH, vocab_size)
     print(f"Model config: {config}")
@@ -771,6 +776,8 @@ def main():
     smooth_train_loss = 0.0
     total_training_time = 0.0
     step = 0
+    on_terminal = sys.stdout.isatty()
+    last_print = 0.0
     while True:
         synchronize()
         t0 = time.time()
@@ -807,9 +814,14 @@ def main():
         debiased_loss = smooth_train_loss / (1 - ema_beta ** (step + 1))
         mfu = 100 * num_flops_per_token * TOTAL_BATCH_SIZE / dt / peak_flops if peak_flops else 0.0
         remaining = max(0.0, TIME_BUDGET - total_training_time)
-        print(f"\rstep {step:05d} ({100 * progress:.1f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
-              f"dt: {dt * 1000:.0f}ms | tok/sec: {int(TOTAL_BATCH_SIZE / dt):,} | mfu: {mfu:.1f}% | "
-              f"epoch: {epoch} | remaining: {remaining:.0f}s    ", end="", flush=True)
+        status = (f"step {step:05d} ({100 * progress:.1f}%) | loss: {debiased_loss:.6f} | lrm: {lrm:.2f} | "
+                  f"dt: {dt * 1000:.0f}ms | tok/sec: {int(TOTAL_BATCH_SIZE / dt):,} | mfu: {mfu:.1f}% | "
+                  f"epoch: {epoch} | remaining: {remaining:.0f}s")
+        if on_terminal:
+            print(f"\r{status}    ", end="", flush=True)
+        elif time.time() - last_print >= PROGRESS_SECONDS:  # a log file: whole lines, so `tail` shows the latest
+            print(status, flush=True)
+            last_print = time.time()
 
         # Python's GC costs ~500 ms per collection: freeze the startup objects and collect rarely
         if step == 0:
@@ -822,7 +834,8 @@ def main():
         step += 1
         if step > 10 and total_training_time >= TIME_BUDGET:
             break
-    print()
+    if on_terminal:
+        print()
 
     total_tokens = step * TOTAL_BATCH_SIZE
     model.eval()

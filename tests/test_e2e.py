@@ -1,13 +1,16 @@
 """End to end: prepare.py downloads from a loopback server and trains the tokenizer, train.py runs and reports."""
 
 import os
+import pty
 import re
 import socket
 import subprocess
 import sys
 
+import pytest
+
 import prepare
-from conftest import ROOT, run_train, subprocess_env
+from conftest import ROOT, TRAIN_DRIVER, run_train, subprocess_env
 
 VAL_FILENAME_FOR_TESTS = prepare.VAL_FILENAME
 
@@ -88,3 +91,63 @@ def test_prepare_unreachable_source_fails_clearly(tmp_path):
     assert url in result.stderr and "--data-url" in result.stderr and "AUTORESEARCH_DATA_URL" in result.stderr
     assert "Traceback" not in result.stderr
     assert not any(f.endswith(".parquet") for f in os.listdir(tmp_path / "data"))
+
+
+def test_train_progress_in_a_log_is_whole_lines_every_few_seconds(train_stdout):
+    """stdout is a pipe here (like `> run.log`): no carriage returns, and not one line per step."""
+    assert "\r" not in train_stdout
+    lines = train_stdout.splitlines()
+    steps = [line for line in lines if line.startswith("step ")]
+    assert steps and steps[0].startswith("step 00000 (0.0%) | loss: ")
+    # at most one line per PROGRESS_SECONDS (5 s) of the run; on a quiet machine that is fewer lines than steps
+    assert len(steps) <= 1 + float(summary_values(train_stdout)["total_seconds"]) / 5
+    assert lines.index("---") > lines.index(steps[-1])  # the summary block comes after the progress
+
+
+def test_train_warns_at_start_when_the_val_split_is_small(e2e, train_stdout):
+    """The test corpus has 300 validation documents, fewer than the loader's buffer of 1,000."""
+    assert "WARNING: the validation split" in e2e.prepare.stdout
+    lines = train_stdout.splitlines()
+    warning = next(i for i, line in enumerate(lines) if line.startswith("WARNING: the validation split"))
+    assert "300 documents" in lines[warning]
+    assert warning < next(i for i, line in enumerate(lines) if line.startswith("step "))
+
+
+def test_train_progress_on_a_terminal_rewrites_one_line(e2e):
+    code = TRAIN_DRIVER.format(time_budget=2, eval_tokens="prepare.MAX_SEQ_LEN * 32", extra="")
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=subprocess_env(e2e.cache),
+                            stdout=slave, stderr=slave)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 1 << 16)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait(timeout=600) == 0
+    out = b"".join(chunks).decode()
+    num_steps = int(re.search(r"num_steps:\s+(\d+)", out).group(1))
+    assert out.count("\rstep ") == num_steps  # every step rewrites the line
+    assert "\r\nstep " not in out and "\nstep " not in out  # no step starts a new line
+
+
+SEED_PROBE = (
+    "import torch\n"
+    "_manual_seed = torch.manual_seed\n"
+    "torch.manual_seed = lambda s: (print(f'manual_seed({s})', flush=True), _manual_seed(s))[1]\n"
+)
+
+
+@pytest.mark.parametrize("env, seed", [({}, 42), ({"AUTORESEARCH_SEED": "7"}, 7)])
+def test_train_seed_comes_from_autoresearch_seed(tmp_path, env, seed):
+    """The seed is set before the cache is read, so an empty cache is enough to see it."""
+    code = TRAIN_DRIVER.format(time_budget=2, eval_tokens="None", extra=SEED_PROBE)
+    base = {k: v for k, v in subprocess_env(tmp_path / "empty").items() if k != "AUTORESEARCH_SEED"}
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=dict(base, **env), capture_output=True,
+                            text=True, timeout=300)
+    assert re.findall(r"manual_seed\((\d+)\)", result.stdout) == [str(seed)]

@@ -70,25 +70,63 @@ def test_bpb_equals_hand_computation(tokenizer, small_eval, flat):
     assert model.calls == [((B, T), (B, T))] * 3
 
 
-def test_step_count(tokenizer, monkeypatch, cache):
+@pytest.mark.parametrize("eval_tokens, batch_size, calls", [
+    (2 * 16, 2, 1),            # 2 rows, one full batch
+    (5 * 2 * 16, 2, 5),        # 10 rows in 5 batches: B divides, as the reference
+    (5 * 2 * 16 - 1, 2, 5),    # 9 rows: the reference scored 8 (4 batches); the 5th batch counts 1 row
+    (5 * 2 * 16 - 1, 4, 3),    # 9 rows: 4 + 4 + 1
+    (7 * 16 + 15, 16, 1),      # 7 rows in one batch of 16, 9 rows ignored
+])
+def test_scores_the_first_eval_tokens_over_t_rows_whatever_the_batch(tokenizer, monkeypatch, cache, eval_tokens,
+                                                                     batch_size, calls):
     monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 16)
-    for eval_tokens, steps in [(2 * 16, 1), (5 * 2 * 16 - 1, 4), (5 * 2 * 16, 5)]:
-        monkeypatch.setattr(prepare, "EVAL_TOKENS", eval_tokens)
-        model = FixedLossModel()
-        prepare.evaluate_bpb(model, tokenizer, 2)
-        assert len(model.calls) == steps, eval_tokens
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", eval_tokens)
+    model = FixedLossModel()
+    bpb = prepare.evaluate_bpb(model, tokenizer, batch_size)
+    assert model.calls == [((batch_size, 16), (batch_size, 16))] * calls  # every batch has the same shape
+
+    # by hand on the first EVAL_TOKENS // T rows, read one row at a time
+    loader = prepare.make_dataloader(tokenizer, 1, 16, "val")
+    nats, nbytes = 0.0, 0
+    for _ in range(eval_tokens // 16):
+        x, y, _ = next(loader)
+        for xi, yi in zip(x.flatten().tolist(), y.flatten().tolist()):
+            b = byte_len(tokenizer, yi)
+            nats += FixedLossModel.token_loss(xi, yi) if b else 0.0
+            nbytes += b
+    assert bpb == pytest.approx(nats / (math.log(2) * nbytes), rel=1e-6)
 
 
-def test_uniform_model_gives_log2_vocab_bits_per_token(tokenizer, small_eval):
-    """A model with all-zero logits has loss ln(V) on every token: bpb = log2(V) * tokens / bytes."""
+def tiny_gpt(seq_len):
     import train
 
-    config = train.GPTConfig(sequence_len=T, vocab_size=8192, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
+    config = train.GPTConfig(sequence_len=seq_len, vocab_size=8192, n_layer=1, n_head=1, n_kv_head=1, n_embd=32,
                              window_pattern="L")
     with torch.device("meta"):
         model = train.GPT(config)
     model.to_empty(device="cpu")
+    torch.manual_seed(0)
     model.init_weights()
+    return model
+
+
+def test_val_bpb_does_not_depend_on_device_batch_size(tokenizer, monkeypatch, cache):
+    """B 8, 12 and 16 give one val_bpb on 40 rows (12 and 16 do not divide 40)."""
+    monkeypatch.setattr(prepare, "MAX_SEQ_LEN", 16)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 40 * 16)  # 40 rows: 8 divides, 12 and 16 do not
+    model = tiny_gpt(16)
+    with torch.no_grad():  # a non-uniform model, so that every row counts differently
+        model.lm_head.weight.normal_(0, 0.5)
+    values = {b: prepare.evaluate_bpb(model, tokenizer, b) for b in (8, 12, 16)}
+    assert values[12] == pytest.approx(values[8], rel=1e-6) and values[16] == pytest.approx(values[8], rel=1e-6)
+    # and a different row count does give another value (the check can fail)
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 36 * 16)
+    assert prepare.evaluate_bpb(model, tokenizer, 12) != pytest.approx(values[8], rel=1e-6)
+
+
+def test_uniform_model_gives_log2_vocab_bits_per_token(tokenizer, small_eval):
+    """A model with all-zero logits has loss ln(V) on every token: bpb = log2(V) * tokens / bytes."""
+    model = tiny_gpt(T)
     with torch.no_grad():
         model.lm_head.weight.zero_()
     bpb = prepare.evaluate_bpb(model, tokenizer, B)

@@ -41,7 +41,9 @@ for _t in ax.texts:
     _boxes.append((_u, _u + _w, _v, _v + _h, _t.get_text()))
 _overlaps = [(p[4], q[4]) for i, p in enumerate(_boxes) for q in _boxes[i + 1:]
              if p[0] < q[1] - 0.5 and q[0] < p[1] - 0.5 and p[2] < q[3] - 0.5 and q[2] < p[3] - 0.5]
-print("CHECK " + _json.dumps({"ylim": list(ax.get_ylim()), "labels": len(_boxes), "overlaps": _overlaps}))
+_legend = [_t.get_text() for _t in ax.get_legend().get_texts()]
+print("CHECK " + _json.dumps({"ylim": list(ax.get_ylim()), "labels": len(_boxes), "overlaps": _overlaps,
+                             "legend": _legend}))
 '''
 
 
@@ -200,6 +202,50 @@ def test_normal_writes_a_readable_progress_png(normal):
     assert max(kept) < high < max(kept) + 0.5 * span
     assert check["labels"] == len(kept)
     assert check["overlaps"] == []
+    # one run per commit, as the reference logs: no noise floor, the chart as before
+    assert "Noise floor: n/a (no commit was run more than once)" in output
+    assert not any("noise" in label.lower() for label in check["legend"])
+
+
+# ---------------------------------------------------------------------------
+# Repeated runs of one commit (program.md's keep rule): the noise floor
+# ---------------------------------------------------------------------------
+
+REPEAT_ROWS = [
+    ("a0b1c2d", "0.997900", "44.0", "keep", "baseline"),
+    ("a0b1c2d", "0.998600", "44.0", "keep", "baseline"),
+    ("a0b1c2d", "0.997500", "44.0", "keep", "baseline"),
+    ("b2c3d4e", "0.996100", "44.2", "keep", "increase MATRIX_LR to 0.05"),
+    ("c3d4e5f", "1.005000", "44.0", "discard", "switch to GeLU activation"),
+    ("d4e5f60", "0.995800", "44.0", "discard", "warmdown 0.6"),
+    ("d4e5f60", "0.996200", "44.0", "discard", "warmdown 0.6"),
+    ("e5f6071", "0.995900", "44.1", "keep", "rotary base 20000"),
+    ("e5f6071", "0.995700", "44.1", "keep", "rotary base 20000"),
+    ("f60718a", "0.000000", "0.0", "crash", "double the model width (OOM)"),
+    ("0718a9b", "0.990000", "44.0", "keep", "three times the learning rate"),
+]
+
+
+def test_repeated_runs_give_a_noise_floor_band_and_marks(kernel, tmp_path):
+    import statistics
+
+    output = run_notebook(kernel, tmp_path, tsv(REPEAT_ROWS), extra_cells=[CHECK_CELL])
+    runs = {}
+    for commit, value, _, status, _ in REPEAT_ROWS:
+        if status != "crash":
+            runs.setdefault(commit, []).append(float(value))
+    repeated = [v for v in runs.values() if len(v) > 1]
+    pooled = (sum((len(v) - 1) * statistics.variance(v) for v in repeated) / sum(len(v) - 1 for v in repeated)) ** 0.5
+    assert f"Noise floor: {pooled:.6f} (pooled standard deviation of 7 runs of 3 commits" in output
+    # gains between kept commits' means: b2c3d4e 0.0019 and 0718a9b 0.0058 are clear; e5f6071 gained 0.0003
+    mean = {c: statistics.fmean(v) for c, v in runs.items()}
+    assert mean["b2c3d4e"] - mean["e5f6071"] < pooled < mean["a0b1c2d"] - mean["b2c3d4e"]
+    marked = output.split("Kept experiments whose gain is within the noise floor (1):")[1].splitlines()[1]
+    assert "e5f6071" in marked and "rotary base 20000" in marked
+    check = json.loads(output.split("CHECK ", 1)[1].splitlines()[0])
+    assert f"Noise floor (±{pooled:.4f})" in check["legend"]
+    assert "Kept, gain within noise (1)" in check["legend"]
+    assert_png(tmp_path / "progress.png")
 
 
 # ---------------------------------------------------------------------------

@@ -49,9 +49,45 @@ def summary_block(text):
     return [line for line in lines[start + 1:] if re.match(r"^\w+:\s", line)]
 
 
-def test_train_command_is_the_one_that_works(program):
+RUN = "timeout 600 uv run train.py > run.log 2>&1"
+REPEAT = "AUTORESEARCH_SEED=2 timeout 600 uv run train.py > run.log 2>&1"
+
+
+def test_train_commands_are_the_ones_that_work(program):
     launches = [s for s in snippets(program) if re.search(r"\b(uv run|python)\b.*train\.py", s)]
-    assert set(launches) == {"uv run train.py > run.log 2>&1"}
+    assert set(launches) == {RUN, REPEAT}
+    import prepare
+
+    assert 600 == 2 * prepare.TIME_BUDGET  # the timeout is twice the training budget, as program.md says
+    assert "twice `TIME_BUDGET`" in program
+
+
+FAKE_UV = """#!/bin/bash
+echo "uv $* seed=${AUTORESEARCH_SEED:-default} cache=${AUTORESEARCH_CACHE_DIR:-unset}"
+echo "a warning on stderr" >&2
+exit 3
+"""
+
+
+@pytest.mark.parametrize("command, seed", [(RUN, "default"), (REPEAT, "2")])
+def test_run_command_as_written_logs_both_streams_and_passes_seed_and_cache(program, tmp_path, command, seed):
+    """The run commands, run as written, with a stand-in `uv` first on PATH."""
+    assert command in program
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "uv").write_text(FAKE_UV)
+    os.chmod(tmp_path / "bin" / "uv", 0o755)
+    env = dict(os.environ, PATH=f"{tmp_path / 'bin'}:{os.environ['PATH']}", AUTORESEARCH_CACHE_DIR="/my/cache")
+    env.pop("AUTORESEARCH_SEED", None)
+    result = bash(command, tmp_path, env=env)
+    assert result.returncode == 3 and result.stdout == result.stderr == ""  # nothing reaches the agent's context
+    assert (tmp_path / "run.log").read_text().splitlines() == [
+        f"uv run train.py seed={seed} cache=/my/cache", "a warning on stderr"]
+
+
+def test_timeout_kills_a_run_that_overstays(tmp_path):
+    """What `timeout` in the run command does, shortened: the run is killed and the status says so."""
+    result = bash("timeout 1 sleep 30 > run.log 2>&1", tmp_path)
+    assert result.returncode == 124
 
 
 def test_summary_block_matches_what_train_py_prints(program, train_stdout):
@@ -99,10 +135,28 @@ def test_grep_prints_nothing_for_a_crashed_run(program, tmp_path):
     assert result.stdout == ""
 
 
-def test_tail_command_shows_the_end_of_the_log(program, tmp_path):
-    assert "tail -n 50 run.log" in commands(program, "tail")
-    (tmp_path / "run.log").write_text("".join(f"line {i}\n" for i in range(200)))
-    assert bash("tail -n 50 run.log", tmp_path).stdout.splitlines() == [f"line {i}" for i in range(150, 200)]
+def test_crash_reading_command_cannot_flood_the_context(program, tmp_path):
+    assert "tail -c 3000 run.log" in commands(program, "tail")
+    # a progress history written with \r (one ~100 KB line), then the traceback
+    history = "".join(f"\rstep {i:05d} (1.0%) | loss: 3.0 | dt: 300ms" for i in range(3000))
+    traceback = "Traceback (most recent call last):\n  File \"train.py\", line 1\nNameError: name 'x' is not defined\n"
+    (tmp_path / "run.log").write_text(history + "\n" + traceback)
+    out = bash("tail -c 3000 run.log", tmp_path).stdout
+    assert len(out.encode()) <= 3000 and out.endswith(traceback)
+
+
+def test_noise_floor_command_gives_mean_and_sd_of_a_commit(program, tmp_path):
+    import statistics
+
+    (awk,) = [c for c in commands(program, "awk") if "<commit>" in c]
+    values = ["2.101234", "2.095678", "2.108765"]
+    rows = [f"a1b2c3d\t{v}\t3.6\tkeep\tbaseline" for v in values] + ["b2c3d4e\t2.000000\t3.6\tdiscard\tx"]
+    (tmp_path / "results.tsv").write_text("\t".join(COLUMNS) + "\n" + "\n".join(rows) + "\n")
+    result = bash(awk.replace("<commit>", "a1b2c3d"), tmp_path)
+    assert result.returncode == 0, result.stderr
+    floats = [float(v) for v in values]
+    assert result.stdout.strip() == (f"runs 3 mean {statistics.fmean(floats):.6f} "
+                                     f"sd {statistics.stdev(floats):.6f}")
 
 
 def test_results_tsv_header_is_the_five_columns(program, tmp_path):
@@ -124,6 +178,52 @@ def test_results_tsv_header_is_the_five_columns(program, tmp_path):
             if status == "crash":
                 assert (val_bpb, memory_gb) == ("0.000000", "0.0")
     assert any(len(block.splitlines()) > 3 for block in tables), "no example rows"
+
+
+def decide(runs, best, noise):
+    """program.md's keep rule on one experiment's runs: 'keep', 'discard' or 'again'."""
+    import math
+
+    n = len(runs)
+    diff = sum(runs) / n - sum(best) / len(best)
+    se = noise * math.sqrt(1 / n + 1 / len(best))
+    if diff > -1.0 * se:
+        return "discard"
+    if diff < (-2.5 if n == 1 else -1.5) * se:
+        return "keep"
+    return "again" if n < 2 else "discard"
+
+
+def test_keep_rule_as_stated_and_the_example_follows_it(program):
+    text = " ".join(program.split())
+    assert "diff > -1 * se" in text and "diff < -2.5 * se after one run, or diff < -1.5 * se after two" in text
+    assert "se = N * sqrt(1/n + 1/n_best)" in text
+    (block,) = [b for b in fenced_blocks(program) if b.startswith("commit\t") and len(b.splitlines()) > 3]
+    rows = [line.split("\t") for line in block.splitlines()[1:]]
+    noise = float(re.search(r"Example \(N = ([0-9.]+)\)", program).group(1))
+    groups = []  # consecutive rows of one commit
+    for row in rows:
+        if groups and groups[-1][0][0] == row[0]:
+            groups[-1].append(row)
+        else:
+            groups.append([row])
+    best = [float(r[1]) for r in groups[0]]
+    assert len(best) == 3 and {r[3] for r in groups[0]} == {"keep"}
+    for group in groups[1:]:
+        assert len({r[3] for r in group}) == 1, "the runs of one commit share its status"
+        if group[0][3] == "crash":
+            continue
+        runs = [float(r[1]) for r in group]
+        k, verdict = 1, decide(runs[:1], best, noise)
+        while verdict == "again":
+            k += 1
+            verdict = decide(runs[:k], best, noise)
+        assert verdict == group[0][3], group
+        if verdict == "keep":
+            assert len(runs) == k + 1, "a kept commit runs once more"
+            best = runs
+        else:
+            assert len(runs) == k, "no run after a discard"
 
 
 def cache_dir_of_prepare(monkeypatch, env):
