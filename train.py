@@ -725,6 +725,7 @@ def get_weight_decay(progress):
 
 PROGRESS_SECONDS = 5  # when stdout is not a terminal (run.log): one progress line this often
 
+
 def main():
     print(f"platform: {platform_name()}")
     t_start = time.time()
