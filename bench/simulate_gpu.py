@@ -2,6 +2,7 @@
 
     python bench/simulate_gpu.py            # everything (a few minutes on 2 busy cores)
     python bench/simulate_gpu.py --quick    # skip the eager memory tracker and the per-GPU steps
+    python bench/simulate_gpu.py --inductor # real Inductor's saved tensors vs the simulation's, small config
 
 No GPU is needed: the reference model is built on the "meta" device (shapes and dtypes, no storage), where
 every tensor op runs instantly at any size. FakeTensorMode tensors on device "cuda" would keep CUDA's
@@ -219,6 +220,41 @@ def compiled_saved_bytes(config, B, amp_dtype=torch.bfloat16):
     return saved["bytes"], saved["shapes"]
 
 
+def inductor_saved_tensors(config, B):
+    """What real Inductor (torch.compile's default backend: its decompositions and joint-graph passes, then the
+    min-cut partition) saves for the backward, on the CPU with real tensors under CPU bf16 autocast, embeddings
+    and rotary tables in bf16 as on CUDA, train.attention as the CPU has it (SDPA with a mask). Small configs
+    only (a real compile, a minute or more). Returns a Counter of (dtype, shape) -> count of saved tensors
+    (bases of views once; graph inputs and bf16 copies of weights included, as compiled_saved_bytes counts)."""
+    import torch._inductor.compile_fx as compile_fx
+    saved = collections.Counter()
+    partition = compile_fx.min_cut_rematerialization_partition
+
+    def recording_partition(gm, joint_inputs, **kwargs):
+        fw, bw = partition(gm, joint_inputs, **kwargs)
+        outputs = next(n for n in fw.graph.nodes if n.op == "output").args[0][kwargs["num_fwd_outputs"]:]
+        bases = {base_of(n) for n in outputs if n is not None}
+        saved.update((str(n.meta["val"].dtype), tuple(n.meta["val"].shape)) for n in bases
+                     if n.op != "placeholder" and isinstance(n.meta.get("val"), torch.Tensor))
+        return fw, bw
+
+    model = tiny_model(config)
+    model.transformer.wte.to(torch.bfloat16)
+    for ve in model.value_embeds.values():
+        ve.to(torch.bfloat16)
+    model.cos, model.sin = model.cos.to(torch.bfloat16), model.sin.to(torch.bfloat16)
+    x = torch.randint(0, config.vocab_size, (B, config.sequence_len))
+    torch._dynamo.reset()
+    no_cache = dict(fx_graph_cache=False, fx_graph_remote_cache=False)  # a cache hit skips the partitioner
+    with patched(compile_fx, min_cut_rematerialization_partition=recording_partition), \
+            torch._inductor.config.patch(no_cache), torch._functorch.config.patch(enable_autograd_cache=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.compile(model, dynamic=False)(x, x)
+        loss.backward()
+    torch._dynamo.reset()
+    return saved
+
+
 def simulated_compiled_peak(config, B, amp_dtype=torch.bfloat16):
     """Persistent state (weights, gradients, optimizer state) plus what the compiled forward saves, in bytes."""
     model = meta_model(config, amp_dtype)
@@ -405,7 +441,18 @@ def main():
     parser.add_argument("--quick", action="store_true", help="skip the eager tracker and the per-GPU steps")
     parser.add_argument("--fit", action="store_true", help="only fit the rule's per-token bytes (a few minutes)")
     parser.add_argument("--gpus", action="store_true", help="only the per-GPU table")
+    parser.add_argument("--inductor", action="store_true", help="only real Inductor's saved tensors vs the "
+                        "min-cut simulation's, at a small config on the CPU (a minute or more)")
     args = parser.parse_args()
+    if args.inductor:  # vocab 320, B*T 96, 4d 512: every dimension tells which tensor it is
+        config = train.GPTConfig(sequence_len=48, vocab_size=320, n_layer=2, n_head=1, n_kv_head=1, n_embd=128,
+                                 window_pattern="SSSL")
+        print(f"torch {torch.__version__}, {datetime.date.today()}, {config}, batch 2: saved tensors (count)")
+        simulated, real = compiled_saved_bytes(config, 2)[1], inductor_saved_tensors(config, 2)
+        for key in sorted(set(simulated) | set(real), key=lambda k: (k[0], k[1])):
+            print(f"  {key[0][6:]:9s} {str(key[1]):18s} min-cut on meta {simulated[key]:2d}   "
+                  f"Inductor on CPU {real[key]:2d}")
+        return
     if args.fit:
         per_token, a, c, e = fit_per_token_bytes()
         for (L, d, V), b in per_token.items():
