@@ -16,6 +16,7 @@ import email.utils
 import errno
 import functools
 import hashlib
+import json
 import math
 import os
 import pickle
@@ -956,10 +957,36 @@ def check_val_split(tokenizer, buffer_size=1000):
         fewer tokens than EVAL_TOKENS, or fewer than MIN_DISTINCT_ROWS of the
         rows are distinct. The warning gives those counts and says that
         val_bpb on this split is not comparable.
+    The answer is kept in CACHE_DIR/val_check.json, keyed by the shard, the
+    tokenizer and the constants, so train.py does not repack the evaluation's
+    rows at every start (prepare.py computes it at the end).
+
     Raises:
         SystemExit: the validation shard is missing (see split_paths).
     """
     (path,) = split_paths("val")
+    record = os.path.join(CACHE_DIR, "val_check.json")
+    files = [path, os.path.join(TOKENIZER_DIR, "tokenizer.pkl")]
+    key = [[f, os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files] + [EVAL_TOKENS, MAX_SEQ_LEN, buffer_size]
+    try:
+        with open(record) as f:
+            saved = json.load(f)
+        if saved["key"] == key:
+            return saved["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # none yet, or stale: compute it
+    message = _val_split_report(tokenizer, path, buffer_size)
+    try:
+        with open(record + ".tmp", "w") as f:
+            json.dump({"key": key, "message": message}, f)
+        os.replace(record + ".tmp", record)
+    except OSError:
+        pass  # a read-only cache: compute it again next time
+    return message
+
+
+def _val_split_report(tokenizer, path, buffer_size):
+    """check_val_split's computation, uncached."""
     n_docs = pq.ParquetFile(path).metadata.num_rows
     rows = EVAL_TOKENS // MAX_SEQ_LEN
     batches = _token_batches(tokenizer, "val")

@@ -81,3 +81,20 @@ def test_many_repeated_rows_warn_even_with_enough_documents(val_cache, monkeypat
     message = prepare.check_val_split(tokenizer, buffer_size=50)
     assert message.startswith("WARNING") and "200 documents" in message and "distinct rows of 20" in message
 
+
+
+def test_answer_is_kept_until_the_shard_changes(val_cache, monkeypatch):
+    tokenizer = val_cache(make_documents(30, seed=9))
+    monkeypatch.setattr(prepare, "EVAL_TOKENS", 64 * T)
+    first = prepare.check_val_split(tokenizer)
+
+    def no_repack(*args):
+        raise AssertionError("repacked the evaluation rows although nothing changed")
+    with monkeypatch.context() as m:
+        m.setattr(prepare, "_val_split_report", no_repack)
+        assert prepare.check_val_split(tokenizer) == first  # train.py's start: read from val_check.json
+        with pytest.raises(AssertionError, match="repacked"):
+            prepare.check_val_split(tokenizer, buffer_size=10)  # another constant: computed again
+    docs = make_documents(1200, seed=10)
+    tokenizer = val_cache(docs)  # a new validation shard
+    assert prepare.check_val_split(tokenizer) != first
