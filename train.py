@@ -123,10 +123,8 @@ def peak_flops_for(name, dtype):
     """Peak dense FLOP/s of the GPU called `name` (torch.cuda.get_device_name()) computing in `dtype`
     (torch.bfloat16 or torch.float16); 0.0 if the GPU is not in PEAK_FLOPS or has no tensor cores for dtype."""
     column = {torch.bfloat16: 1, torch.float16: 2}.get(dtype)
-    for row in PEAK_FLOPS:
-        if column and re.search(rf"\b{re.escape(row[0])}\b", name, re.IGNORECASE):
-            return row[column] or 0.0
-    return 0.0
+    row = next((row for row in PEAK_FLOPS if re.search(rf"\b{re.escape(row[0])}\b", name, re.IGNORECASE)), None)
+    return (row[column] or 0.0) if row and column else 0.0
 
 
 def get_peak_flops():
@@ -689,7 +687,7 @@ FINAL_LR_FRAC = 0.0       # final LR as a fraction of the initial one
 
 # Model size
 DEPTH = 8 if ON_CUDA else 4                      # number of transformer layers
-DEVICE_BATCH_SIZE = 128 if ON_CUDA else 16       # per-device batch size (reduce if out of memory)
+DEVICE_BATCH_SIZE = 128 if ON_CUDA else 16       # per-device batch size (CUDA halves it if it would not fit)
 
 
 def build_model_config(depth, vocab_size):
