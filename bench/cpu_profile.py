@@ -19,6 +19,8 @@ import subprocess
 import sys
 import time
 
+from noise import parse_summary  # bench/noise.py: the summary block as a dict
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> overrides of train.py / prepare.py constants, on top of the current CPU profile
@@ -77,11 +79,7 @@ def run(name, overrides, time_budget):
     log_path = os.path.join(ROOT, "bench", f"cpu_profile_{name}.log")
     with open(log_path, "w") as f:
         f.write(proc.stdout.replace("\r", "\n") + proc.stderr)
-    summary = {}
-    if "\n---\n" in proc.stdout:
-        for line in proc.stdout[proc.stdout.rindex("\n---\n") + 5:].splitlines():
-            key, _, value = line.partition(":")
-            summary[key.strip()] = value.strip()
+    summary = parse_summary(proc.stdout)
     summary["tokens_per_step"] = int(re.search(r"tokens_per_step: (\d+)", proc.stdout).group(1)) if summary else 0
     epochs = re.findall(r"epoch: (\d+)", proc.stdout)
     summary["epoch"] = epochs[-1] if epochs else "?"
