@@ -425,7 +425,7 @@ def render_index(conn, platforms, version):
     (n_agents,) = conn.execute("SELECT COUNT(*) FROM agents").fetchone()
     (n_results,) = conn.execute("SELECT COUNT(*) FROM results").fetchone()
     n_commits = version[1]
-    # short hashes named in results -> full hashes the hub holds (one indexed range query each, best first)
+    # short hashes named in results -> full hashes the hub holds (one indexed range query each, memoized)
     known = {}
 
     def resolve(short):
@@ -455,7 +455,6 @@ def render_index(conn, platforms, version):
                            f'<td class="muted">no finished run yet</td><td></td><td class="num">{s["n_runs"]}</td>'
                            '<td class="num">0</td></tr>')
                 continue
-            resolve(b["commit"])
             base = s["baseline"]["val_bpb"]
             gain = base - b["val_bpb"]
             out.append(f'<tr class="platform"><td><b>{esc(p)}</b></td><td class="num best"><b>{_bpb(b["val_bpb"])}</b></td>'
