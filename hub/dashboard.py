@@ -38,7 +38,6 @@ import subprocess
 import threading
 import time
 from base64 import b64encode
-from contextlib import closing
 from urllib.parse import quote
 
 from markdown_it import MarkdownIt
@@ -166,7 +165,7 @@ def on_post(conn, post):
 
 
 def _connect(db_path):
-    conn = sqlite3.connect(db_path, timeout=10, check_same_thread=False)
+    conn = sqlite3.connect(db_path, timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA query_only = 1")
     return conn
 
@@ -644,6 +643,14 @@ def routes(state):
     cookie = _cookie_value(read_token) if need_token else None
     lock, chart_lock = threading.Lock(), threading.Lock()
     cache = {"index": (None, b""), "platforms": (None, {}), "charts": {}}
+    local = threading.local()
+
+    def reader():
+        """This thread's read connection (opened once: every request checks the records version)."""
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = _connect(db_path)
+        return conn
 
     def allowed(request):
         header = request.headers.get("authorization", "")
@@ -678,27 +685,27 @@ def routes(state):
             return cache["platforms"]
 
     def index(request):
-        with closing(_connect(db_path)) as conn:
-            version, platforms = current(conn)
-            with lock:
-                if cache["index"][0] != version:
-                    cache["index"] = (version, render_index(conn, platforms, version).encode())
-                body = cache["index"][1]
+        conn = reader()
+        version, platforms = current(conn)
+        with lock:
+            if cache["index"][0] != version:
+                cache["index"] = (version, render_index(conn, platforms, version).encode())
+            body = cache["index"][1]
         return Response(body, media_type="text/html; charset=utf-8", headers=HEADERS)
 
     def chart(request):
         platform = request.path_params["platform"]
-        with closing(_connect(db_path)) as conn:
-            _, platforms = current(conn)
-            if platform not in platforms:
-                return PlainTextResponse("no such platform\n", status_code=404, headers=HEADERS)
-            with chart_lock:  # one drawing at a time; the page itself never waits for a chart
-                version, svg, drawn = cache["charts"].get(platform, (None, b"", -math.inf))
-                latest = platforms[platform]["version"]
-                if version != latest and time.monotonic() - drawn >= CHART_REDRAW_S:
-                    s = platform_runs(conn, platform)[platform]
-                    version, svg = s["version"], draw_chart(platform, s)
-                    cache["charts"][platform] = (version, svg, time.monotonic())
+        conn = reader()
+        _, platforms = current(conn)
+        if platform not in platforms:
+            return PlainTextResponse("no such platform\n", status_code=404, headers=HEADERS)
+        with chart_lock:  # one drawing at a time; the page itself never waits for a chart
+            version, svg, drawn = cache["charts"].get(platform, (None, b"", -math.inf))
+            latest = platforms[platform]["version"]
+            if version != latest and time.monotonic() - drawn >= CHART_REDRAW_S:
+                s = platform_runs(conn, platform)[platform]
+                version, svg = s["version"], draw_chart(platform, s)
+                cache["charts"][platform] = (version, svg, time.monotonic())
         etag = f'"{hashlib.sha256(platform.encode()).hexdigest()[:16]}-{version}"'
         headers = dict(HEADERS, **{"Content-Security-Policy": SVG_CSP, "ETag": etag})
         if request.headers.get("if-none-match") == etag:
@@ -709,14 +716,14 @@ def routes(state):
         prefix = request.path_params["hash"].lower()
         if not HASH.match(prefix):
             return PlainTextResponse("a commit hash is 4 to 40 hex digits\n", status_code=400, headers=HEADERS)
-        with closing(_connect(db_path)) as conn:
-            hits = find_commit(conn, prefix)
-            if len(hits) != 1:
-                return PlainTextResponse("no such commit on the hub\n" if not hits else "ambiguous hash prefix\n",
-                                         status_code=404, headers=HEADERS)
-            if hits[0] != prefix:
-                return RedirectResponse(f"/commit/{hits[0]}", status_code=303, headers=HEADERS)
-            body = render_commit(conn, repo_path, hits[0])
+        conn = reader()
+        hits = find_commit(conn, prefix)
+        if len(hits) != 1:
+            return PlainTextResponse("no such commit on the hub\n" if not hits else "ambiguous hash prefix\n",
+                                     status_code=404, headers=HEADERS)
+        if hits[0] != prefix:
+            return RedirectResponse(f"/commit/{hits[0]}", status_code=303, headers=HEADERS)
+        body = render_commit(conn, repo_path, hits[0])
         return Response(body, media_type="text/html; charset=utf-8", headers=HEADERS)
 
     return [Route("/", guarded(index), methods=["GET", "HEAD"]),
