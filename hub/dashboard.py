@@ -26,6 +26,7 @@ indexed queries; a chart is redrawn only when its platform has new results, and 
 seconds (a draw costs about a second with thousands of runs). bench/hub_page.py measures both.
 """
 
+import functools
 import hashlib
 import hmac
 import html
@@ -574,6 +575,22 @@ def render_index(conn, platforms, version):
     return page("autoresearch hub", "".join(out))
 
 
+@functools.lru_cache(maxsize=64)
+def git_show(repo_path, full):
+    """`git show` of a commit as text, cut at DIFF_MAX_BYTES. A commit never changes, so neither does its
+    diff: cached. Raises RuntimeError when git fails (not cached: it may be passing)."""
+    try:
+        proc = subprocess.run(["git", "--git-dir", str(repo_path), "-c", "core.quotepath=off", "show", "--no-color",
+                               "--no-ext-diff", "--no-textconv", "--stat", "--patch", "--format=fuller", full, "--"],
+                              capture_output=True, timeout=GIT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(str(e)) from None
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.decode("utf-8", errors="replace")[:2000])
+    diff = proc.stdout[:DIFF_MAX_BYTES].decode("utf-8", errors="replace")
+    return diff + (f"\n[cut at {DIFF_MAX_BYTES} bytes]" if len(proc.stdout) > DIFF_MAX_BYTES else "")
+
+
 def render_commit(conn, repo_path, full):
     """The HTML of one commit's page: its record, parent, children, results, and `git show` (escaped)."""
     c = commit_record(conn, full)
@@ -582,15 +599,8 @@ def render_commit(conn, repo_path, full):
     results = conn.execute("""SELECT agent_id, platform, val_bpb, status, description FROM results
                               WHERE commit_hash IN (?, ?, ?) ORDER BY id""", (full[:7], full[:8], full)).fetchall()
     try:
-        proc = subprocess.run(["git", "--git-dir", str(repo_path), "-c", "core.quotepath=off", "show", "--no-color",
-                               "--no-ext-diff", "--no-textconv", "--stat", "--patch", "--format=fuller", full, "--"],
-                              capture_output=True, timeout=GIT_TIMEOUT_S, check=False)
-        diff = proc.stdout[:DIFF_MAX_BYTES].decode("utf-8", errors="replace")
-        if proc.returncode:
-            diff = f"git show failed: {proc.stderr.decode('utf-8', errors='replace')[:2000]}"
-        elif len(proc.stdout) > DIFF_MAX_BYTES:
-            diff += f"\n[cut at {DIFF_MAX_BYTES} bytes]"
-    except (OSError, subprocess.TimeoutExpired) as e:
+        diff = git_show(str(repo_path), full)
+    except RuntimeError as e:
         diff = f"git show failed: {e}"
     lines = []
     for line in diff.splitlines():
