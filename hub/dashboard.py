@@ -26,6 +26,7 @@ indexed queries; a chart is redrawn only when its platform has new results, and 
 seconds (a draw costs about a second with thousands of runs). bench/hub_page.py measures both.
 """
 
+import functools
 import hashlib
 import hmac
 import html
@@ -38,7 +39,6 @@ import subprocess
 import threading
 import time
 from base64 import b64encode
-from contextlib import closing
 from urllib.parse import quote
 
 from markdown_it import MarkdownIt
@@ -166,7 +166,7 @@ def on_post(conn, post):
 
 
 def _connect(db_path):
-    conn = sqlite3.connect(db_path, timeout=10, check_same_thread=False)
+    conn = sqlite3.connect(db_path, timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA query_only = 1")
     return conn
 
@@ -425,7 +425,7 @@ def render_index(conn, platforms, version):
     (n_agents,) = conn.execute("SELECT COUNT(*) FROM agents").fetchone()
     (n_results,) = conn.execute("SELECT COUNT(*) FROM results").fetchone()
     n_commits = version[1]
-    # short hashes named in results -> full hashes the hub holds (one indexed range query each, best first)
+    # short hashes named in results -> full hashes the hub holds (one indexed range query each, memoized)
     known = {}
 
     def resolve(short):
@@ -455,7 +455,6 @@ def render_index(conn, platforms, version):
                            f'<td class="muted">no finished run yet</td><td></td><td class="num">{s["n_runs"]}</td>'
                            '<td class="num">0</td></tr>')
                 continue
-            resolve(b["commit"])
             base = s["baseline"]["val_bpb"]
             gain = base - b["val_bpb"]
             out.append(f'<tr class="platform"><td><b>{esc(p)}</b></td><td class="num best"><b>{_bpb(b["val_bpb"])}</b></td>'
@@ -576,6 +575,22 @@ def render_index(conn, platforms, version):
     return page("autoresearch hub", "".join(out))
 
 
+@functools.lru_cache(maxsize=64)
+def git_show(repo_path, full):
+    """`git show` of a commit as text, cut at DIFF_MAX_BYTES. A commit never changes, so neither does its
+    diff: cached. Raises RuntimeError when git fails (not cached: it may be passing)."""
+    try:
+        proc = subprocess.run(["git", "--git-dir", str(repo_path), "-c", "core.quotepath=off", "show", "--no-color",
+                               "--no-ext-diff", "--no-textconv", "--stat", "--patch", "--format=fuller", full, "--"],
+                              capture_output=True, timeout=GIT_TIMEOUT_S, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RuntimeError(str(e)) from None
+    if proc.returncode:
+        raise RuntimeError(proc.stderr.decode("utf-8", errors="replace")[:2000])
+    diff = proc.stdout[:DIFF_MAX_BYTES].decode("utf-8", errors="replace")
+    return diff + (f"\n[cut at {DIFF_MAX_BYTES} bytes]" if len(proc.stdout) > DIFF_MAX_BYTES else "")
+
+
 def render_commit(conn, repo_path, full):
     """The HTML of one commit's page: its record, parent, children, results, and `git show` (escaped)."""
     c = commit_record(conn, full)
@@ -584,15 +599,8 @@ def render_commit(conn, repo_path, full):
     results = conn.execute("""SELECT agent_id, platform, val_bpb, status, description FROM results
                               WHERE commit_hash IN (?, ?, ?) ORDER BY id""", (full[:7], full[:8], full)).fetchall()
     try:
-        proc = subprocess.run(["git", "--git-dir", str(repo_path), "-c", "core.quotepath=off", "show", "--no-color",
-                               "--no-ext-diff", "--no-textconv", "--stat", "--patch", "--format=fuller", full, "--"],
-                              capture_output=True, timeout=GIT_TIMEOUT_S, check=False)
-        diff = proc.stdout[:DIFF_MAX_BYTES].decode("utf-8", errors="replace")
-        if proc.returncode:
-            diff = f"git show failed: {proc.stderr.decode('utf-8', errors='replace')[:2000]}"
-        elif len(proc.stdout) > DIFF_MAX_BYTES:
-            diff += f"\n[cut at {DIFF_MAX_BYTES} bytes]"
-    except (OSError, subprocess.TimeoutExpired) as e:
+        diff = git_show(str(repo_path), full)
+    except RuntimeError as e:
         diff = f"git show failed: {e}"
     lines = []
     for line in diff.splitlines():
@@ -645,6 +653,14 @@ def routes(state):
     cookie = _cookie_value(read_token) if need_token else None
     lock, chart_lock = threading.Lock(), threading.Lock()
     cache = {"index": (None, b""), "platforms": (None, {}), "charts": {}}
+    local = threading.local()
+
+    def reader():
+        """This thread's read connection (opened once: every request checks the records version)."""
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = _connect(db_path)
+        return conn
 
     def allowed(request):
         header = request.headers.get("authorization", "")
@@ -679,27 +695,27 @@ def routes(state):
             return cache["platforms"]
 
     def index(request):
-        with closing(_connect(db_path)) as conn:
-            version, platforms = current(conn)
-            with lock:
-                if cache["index"][0] != version:
-                    cache["index"] = (version, render_index(conn, platforms, version).encode())
-                body = cache["index"][1]
+        conn = reader()
+        version, platforms = current(conn)
+        with lock:
+            if cache["index"][0] != version:
+                cache["index"] = (version, render_index(conn, platforms, version).encode())
+            body = cache["index"][1]
         return Response(body, media_type="text/html; charset=utf-8", headers=HEADERS)
 
     def chart(request):
         platform = request.path_params["platform"]
-        with closing(_connect(db_path)) as conn:
-            _, platforms = current(conn)
-            if platform not in platforms:
-                return PlainTextResponse("no such platform\n", status_code=404, headers=HEADERS)
-            with chart_lock:  # one drawing at a time; the page itself never waits for a chart
-                version, svg, drawn = cache["charts"].get(platform, (None, b"", -math.inf))
-                latest = platforms[platform]["version"]
-                if version != latest and time.monotonic() - drawn >= CHART_REDRAW_S:
-                    s = platform_runs(conn, platform)[platform]
-                    version, svg = s["version"], draw_chart(platform, s)
-                    cache["charts"][platform] = (version, svg, time.monotonic())
+        conn = reader()
+        _, platforms = current(conn)
+        if platform not in platforms:
+            return PlainTextResponse("no such platform\n", status_code=404, headers=HEADERS)
+        with chart_lock:  # one drawing at a time; the page itself never waits for a chart
+            version, svg, drawn = cache["charts"].get(platform, (None, b"", -math.inf))
+            latest = platforms[platform]["version"]
+            if version != latest and time.monotonic() - drawn >= CHART_REDRAW_S:
+                s = platform_runs(conn, platform)[platform]
+                version, svg = s["version"], draw_chart(platform, s)
+                cache["charts"][platform] = (version, svg, time.monotonic())
         etag = f'"{hashlib.sha256(platform.encode()).hexdigest()[:16]}-{version}"'
         headers = dict(HEADERS, **{"Content-Security-Policy": SVG_CSP, "ETag": etag})
         if request.headers.get("if-none-match") == etag:
@@ -710,14 +726,14 @@ def routes(state):
         prefix = request.path_params["hash"].lower()
         if not HASH.match(prefix):
             return PlainTextResponse("a commit hash is 4 to 40 hex digits\n", status_code=400, headers=HEADERS)
-        with closing(_connect(db_path)) as conn:
-            hits = find_commit(conn, prefix)
-            if len(hits) != 1:
-                return PlainTextResponse("no such commit on the hub\n" if not hits else "ambiguous hash prefix\n",
-                                         status_code=404, headers=HEADERS)
-            if hits[0] != prefix:
-                return RedirectResponse(f"/commit/{hits[0]}", status_code=303, headers=HEADERS)
-            body = render_commit(conn, repo_path, hits[0])
+        conn = reader()
+        hits = find_commit(conn, prefix)
+        if len(hits) != 1:
+            return PlainTextResponse("no such commit on the hub\n" if not hits else "ambiguous hash prefix\n",
+                                     status_code=404, headers=HEADERS)
+        if hits[0] != prefix:
+            return RedirectResponse(f"/commit/{hits[0]}", status_code=303, headers=HEADERS)
+        body = render_commit(conn, repo_path, hits[0])
         return Response(body, media_type="text/html; charset=utf-8", headers=HEADERS)
 
     return [Route("/", guarded(index), methods=["GET", "HEAD"]),

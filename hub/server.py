@@ -46,6 +46,7 @@ or post too large, 422 a push that breaks a rule (merge commit, a change to a fi
 """
 
 import argparse
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -188,6 +189,19 @@ class Hub:
         self.writer.executescript(SCHEMA)
         self.recover()
 
+    @contextlib.contextmanager
+    def transaction(self):
+        """The writer connection inside BEGIN IMMEDIATE ... COMMIT, holding the writer lock; ROLLBACK on any
+        exception (HubError included), which propagates."""
+        with self.write_lock:
+            self.writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self.writer
+                self.writer.execute("COMMIT")
+            except BaseException:
+                self.writer.execute("ROLLBACK")
+                raise
+
     def reader(self):
         """This thread's read connection."""
         conn = getattr(self.local, "conn", None)
@@ -282,20 +296,13 @@ def create_channel(hub, agent_id, body):
     if len(description) > hub.limits["description_chars"]:
         raise HubError(413, f"description longer than {hub.limits['description_chars']} characters")
     channel = {"name": name, "description": description, "created_by": agent_id, "created_at": time.time()}
-    with hub.write_lock:
-        conn = hub.writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if conn.execute("SELECT 1 FROM channels WHERE name = ?", (name,)).fetchone():
-                raise HubError(409, f"channel {name!r} exists")
-            if conn.execute("SELECT COUNT(*) FROM channels").fetchone()[0] >= hub.limits["channels"]:
-                raise HubError(403, f"the hub holds its limit of {hub.limits['channels']} channels")
-            conn.execute("INSERT INTO channels(name, description, created_by, created_at) VALUES (?, ?, ?, ?)",
-                         tuple(channel.values()))
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    with hub.transaction() as conn:
+        if conn.execute("SELECT 1 FROM channels WHERE name = ?", (name,)).fetchone():
+            raise HubError(409, f"channel {name!r} exists")
+        if conn.execute("SELECT COUNT(*) FROM channels").fetchone()[0] >= hub.limits["channels"]:
+            raise HubError(403, f"the hub holds its limit of {hub.limits['channels']} channels")
+        conn.execute("INSERT INTO channels(name, description, created_by, created_at) VALUES (?, ?, ?, ?)",
+                     tuple(channel.values()))
     return channel
 
 
@@ -305,24 +312,17 @@ def create_post(hub, agent_id, channel, body):
         raise HubError(400, "content must be a non-empty string")
     if len(content.encode()) > hub.limits["post_bytes"]:
         raise HubError(413, f"content longer than {hub.limits['post_bytes']} bytes")
-    with hub.write_lock:
-        conn = hub.writer
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if not conn.execute("SELECT 1 FROM channels WHERE name = ?", (channel,)).fetchone():
-                raise HubError(404, f"no channel {channel!r}")
-            created_at = time.time()
-            cursor = conn.execute("INSERT INTO posts(channel, agent_id, content, created_at) VALUES (?, ?, ?, ?)",
-                                  (channel, agent_id, content, created_at))
-            post = {"id": cursor.lastrowid, "channel": channel, "agent_id": agent_id, "content": content,
-                    "created_at": created_at}
-            if hub.dashboard:
-                hub.dashboard.on_post(conn, post)
-            crash_point("post:inserted")
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+    with hub.transaction() as conn:
+        if not conn.execute("SELECT 1 FROM channels WHERE name = ?", (channel,)).fetchone():
+            raise HubError(404, f"no channel {channel!r}")
+        created_at = time.time()
+        cursor = conn.execute("INSERT INTO posts(channel, agent_id, content, created_at) VALUES (?, ?, ?, ?)",
+                              (channel, agent_id, content, created_at))
+        post = {"id": cursor.lastrowid, "channel": channel, "agent_id": agent_id, "content": content,
+                "created_at": created_at}
+        if hub.dashboard:
+            hub.dashboard.on_post(conn, post)
+        crash_point("post:inserted")
     crash_point("post:committed")
     return post
 
@@ -403,19 +403,12 @@ def push(hub, agent_id, data):
                 refs = "".join(f"update refs/commits/{r['hash']} {r['hash']}\n" for r in records)
                 git(hub.repo, "update-ref", "--stdin", input=refs.encode())
                 crash_point("push:refs")
-                with hub.write_lock:
+                with hub.transaction() as conn:
                     now = time.time()
-                    conn = hub.writer
-                    conn.execute("BEGIN IMMEDIATE")
-                    try:
-                        for r in records:
-                            r["created_at"] = now
-                            conn.execute(f"INSERT INTO commits({COMMIT_FIELDS}) VALUES (?, ?, ?, ?, ?, ?)",
-                                         tuple(r[k] for k in COMMIT_FIELDS.split(", ")))
-                        conn.execute("COMMIT")
-                    except BaseException:
-                        conn.execute("ROLLBACK")
-                        raise
+                    for r in records:
+                        r["created_at"] = now
+                        conn.execute(f"INSERT INTO commits({COMMIT_FIELDS}) VALUES (?, ?, ?, ?, ?, ?)",
+                                     tuple(r[k] for k in COMMIT_FIELDS.split(", ")))
                 crash_point("push:committed")
                 hub.pushes += 1
                 if hub.pushes % REPACK_EVERY == 0:  # one pack per push would slow every object lookup
