@@ -34,6 +34,11 @@ being measured when the budget runs out is not kept. Three rules:
 
 The true improvement reached after 100 runs is the objective; a "false keep" is
 a kept idea whose true effect is >= 0 (it did not really improve anything).
+
+The bound (oracle_bound): the most any rule that decides an idea before the next
+one can reach with <= 5% false keeps, when it is given the best's true val_bpb
+and the effect distribution: the Bayes-optimal sequential rule, solved exactly.
+Rules beyond (c) that we tried are in bench/keep_rule_search.py.
 """
 
 import argparse
@@ -245,29 +250,128 @@ def summarise(loop):
                 keeps=loop.keeps.mean(), runs_per_decision=loop.runs.sum() / max(loop.decisions.sum(), 1))
 
 
-def ideal_bound(sigma, dist, scale, ideas=200_000, seed=0, max_false=0.05):
-    """What a rule could reach if the best's true val_bpb were known for free (no baseline, no bias).
+# ---------------------------------------------------------------------------
+# The bound: the best any rule can do when the best's true val_bpb is given
+# ---------------------------------------------------------------------------
+# With the best's true value known for free, ideas are independent and their
+# effects add, so the best rule decides each idea on its own runs alone: a
+# sequential test per idea. The most gain per run under a false-keep limit is a
+# Bayes-optimal stopping problem (Wald's sequential analysis; DeGroot, "Optimal
+# Statistical Decisions", ch. 12), solved by backward induction on the mean of
+# the idea's runs, with a price per run (Dinkelbach's method turns gain per run
+# into a sequence of such problems) and a price per false keep (a Lagrange
+# multiplier, bisected until the limit holds). Work is in units of sigma.
 
-    Each idea gets one run, and a second one when the first is ambiguous; over a grid of thresholds
-    (keep after one run, discard after one run, keep after two; in units of sigma / sqrt(n)), the best
-    true improvement per BUDGET runs among those with at most `max_false` false keeps.
-    Returns (gain, false_keep_share, runs_per_idea, thresholds) or None when none qualifies.
+def _prior_points(dist, r, points):
+    """The effect distribution as `points` quantile midpoints per component, effects in units of sigma.
+
+    r: the platform scale / sigma. Returns (d, w): float arrays, w sums to 1.
     """
-    rng = np.random.default_rng(seed)
-    d = draw_effects(rng, dist, scale, ideas)
-    x1, x2 = d + sigma * rng.standard_normal(ideas), d + sigma * rng.standard_normal(ideas)
-    best = None
-    for k1, k0, k2 in itertools.product([1.0, 1.5, 2.0, 2.5, 3.0, np.inf], [-0.5, 0.0, 0.5, 1.0, 1.5],
-                                        [0.5, 1.0, 1.25, 1.5, 2.0, np.inf]):
-        keep1 = x1 < -k1 * sigma
-        second = ~keep1 & (x1 < -k0 * sigma)
-        keep = keep1 | (second & ((x1 + x2) / 2 < -k2 * sigma / np.sqrt(2)))
-        cost = 1 + second.mean()
-        gain = -(d * keep).mean() / cost * BUDGET
-        false = (keep & (d >= 0)).sum() / max(keep.sum(), 1)
-        if false <= max_false and (best is None or gain > best[0]):
-            best = (gain, false, cost, (k1, k0, k2))
-    return best
+    e = -np.log1p(-(np.arange(points) + 0.5) / points)  # Exp(1) quantiles
+    p_harm = 1.0 - dist["p_help"] - dist["p_zero"]
+    d = np.concatenate([-e * dist["help_mean"] * r, [0.0], e * dist["harm_mean"] * r])
+    w = np.concatenate([np.full(points, dist["p_help"] / points), [dist["p_zero"]], np.full(points, p_harm / points)])
+    return d[w > 0], w[w > 0]
+
+
+def _optimal_policy(d, w, run_cost, false_cost, max_false, max_runs, step):
+    """Backward induction over n = max_runs .. 0 runs of one idea; the state is the mean m of its runs.
+
+    Payoffs in sigma units: keep = -E[d | m] - false_cost * (P(d >= 0 | m) - max_false); discard = 0;
+    run again = -run_cost + E[value after one more run]. An idea must run once before it can be kept.
+    Returns (grid, actions, start): actions[n] holds 0 discard, 1 keep, 2 run again per grid point
+    (n = 1 .. max_runs); start is True when running a new idea pays at all.
+    """
+    grid = np.arange(d.min() - 8.0, d.max() + 8.0, step)
+    log_w = np.log(w)
+    actions, value_next = {}, None
+    for n in range(max_runs, -1, -1):
+        m = grid if n else np.zeros(1)
+        log_post = log_w - n * (m[:, None] - d) ** 2 / 2  # the idea's n runs ~ N(d, 1) each
+        post = np.exp(log_post - log_post.max(axis=1, keepdims=True))
+        post /= post.sum(axis=1, keepdims=True)
+        keep = post @ -d - false_cost * (post @ (d >= 0) - max_false) if n else np.full(1, -np.inf)
+        act, value = np.where(keep > 0, 1, 0), np.maximum(keep, 0.0)
+        if n < max_runs:
+            # the next mean is (n m + x) / (n + 1), x ~ N(d, 1): smooth value_next by N(0, 1 / (n + 1)^2)
+            s = 1.0 / (n + 1)
+            k = np.arange(-np.ceil(6 * s / step), np.ceil(6 * s / step) + 1) * step
+            kernel = np.exp(-0.5 * (k / s) ** 2)
+            smooth = np.convolve(np.pad(value_next, len(k) // 2, mode="edge"), kernel / kernel.sum(), mode="valid")
+            again = -run_cost + (post * np.interp((n * m[:, None] + d) / (n + 1), grid, smooth)).sum(axis=1)
+            act, value = np.where(again > value, 2, act), np.maximum(value, again)
+        if n:
+            actions[n] = act
+        value_next = value
+    return grid, actions, bool(act[0] == 2)
+
+
+def _play(grid, actions, d):
+    """Each idea (true effects d, sigma units) played by the policy with fresh unit noise.
+
+    Returns (gain, runs, keeps, false_keeps) summed over the ideas.
+    """
+    rng = np.random.default_rng(1)
+    total, runs = np.zeros(d.size), np.zeros(d.size)
+    alive, kept = np.ones(d.size, dtype=bool), np.zeros(d.size, dtype=bool)
+    for n in range(1, len(actions) + 1):
+        total[alive] += d[alive] + rng.standard_normal(alive.sum())
+        runs[alive] += 1
+        i = np.clip(np.rint((total / n - grid[0]) / (grid[1] - grid[0])).astype(int), 0, grid.size - 1)
+        act = np.where(alive, actions[n][i], 0)
+        kept |= act == 1
+        alive = act == 2
+    return -(d * kept).sum(), runs.sum(), kept.sum(), (kept & (d >= 0)).sum()
+
+
+def oracle_bound(sigma, dist, scale, max_false=0.05, max_runs=6, points=300, step=0.05, ideas=200_000, seed=0):
+    """The most true improvement per BUDGET runs that a rule deciding each idea before the next can reach with at
+    most `max_false` of its keeps not real, when the best's true val_bpb is given for free (no baseline runs, no
+    re-measuring, no winner's curse): an upper bound for every such rule, (a), (b) and (c) included.
+
+    The policy is Bayes-optimal for the stated effect distribution (it knows it; no real agent does), with up to
+    `max_runs` runs per idea; its outcome is measured by playing it on `ideas` fresh ideas.
+    Returns a dict: gain (val_bpb per BUDGET runs), false_keep_share, runs_per_idea, false_cost (the multiplier);
+    None when no rule meets the limit with a positive gain.
+    """
+    r = scale / sigma
+    d_points, w = _prior_points(dist, r, points)
+    d_play = draw_effects(np.random.default_rng(seed), dist, r, ideas)
+
+    def best_rate(false_cost):
+        run_cost, found = 0.0, None
+        for _ in range(10):  # Dinkelbach: the run price converges up to the best penalised gain per run
+            grid, actions, start = _optimal_policy(d_points, w, run_cost, false_cost, max_false, max_runs, step)
+            if not start:
+                break
+            gain, runs, keeps, false = _play(grid, actions, d_play)
+            found = dict(gain=gain / runs * BUDGET * sigma, false_keep_share=false / max(keeps, 1),
+                         runs_per_idea=runs / ideas, false_cost=false_cost)
+            rate = (gain - false_cost * (false - max_false * keeps)) / runs
+            if rate - run_cost < 1e-3 * max(run_cost, 1e-3):
+                break
+            run_cost = rate
+        return found
+
+    low, high = None, None
+    for false_cost in (0.0, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0):
+        found = best_rate(false_cost)
+        if found is None or found["gain"] <= 0:
+            return None
+        if found["false_keep_share"] <= max_false:
+            high = found
+            break
+        low = false_cost
+    if high is None or low is None:
+        return high
+    for _ in range(5):  # bisect the price of a false keep down to the limit
+        mid = (low + high["false_cost"]) / 2
+        found = best_rate(mid)
+        if found is not None and found["false_keep_share"] <= max_false:
+            high = found
+        else:
+            low = mid
+    return high
 
 
 def main(argv=None):
@@ -288,17 +392,16 @@ def main(argv=None):
                       f"{100 * s['false_keep_share']:.1f}% | {s['keeps']:.1f} | {s['runs_per_decision']:.2f} |",
                       flush=True)
     print(f"\n{args.reps} loops of {BUDGET} runs per cell, seed {args.seed}, {time.time() - t0:.0f} s")
-    print("\nBound: the best's true value known for free, one or two runs per idea, <= 5% false keeps")
-    print("| platform | effects | best true gain / 100 runs | false keeps | runs/idea | thresholds (k1, k0, k2) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print("\nBound: the best's true value given for free, the Bayes-optimal sequential rule, <= 5% false keeps")
+    print("| platform | sigma | effects | greedy (a) | bound | false keeps | runs/idea |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for platform, sigma in (("cpu", args.sigma_cpu), ("gpu", args.sigma_gpu)):
         for dist_name, dist in EFFECTS.items():
-            b = ideal_bound(sigma, dist, SCALES[platform], seed=args.seed)
-            if b is None:
-                print(f"| {platform} | {dist_name} | none qualifies | | | |")
-            else:
-                print(f"| {platform} | {dist_name} | {b[0]:.4f} | {100 * b[1]:.1f}% | {b[2]:.2f} | {b[3]} |")
-
+            greedy = summarise(simulate(rule_greedy, sigma, dist, SCALES[platform], args.reps, args.seed))["gain"]
+            b = oracle_bound(sigma, dist, SCALES[platform], seed=args.seed)
+            cells = ["none with a positive gain", "", ""] if b is None else [
+                f"{b['gain']:.4f}", f"{100 * b['false_keep_share']:.1f}%", f"{b['runs_per_idea']:.2f}"]
+            print(f"| {platform} | {sigma:g} | {dist_name} | {greedy:.4f} | " + " | ".join(cells) + " |", flush=True)
 
 if __name__ == "__main__":
     main()

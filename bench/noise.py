@@ -25,6 +25,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SUMMARY_LINE = re.compile(r"^(\w+):\s+(\S+)\s*$")
+EPOCH = re.compile(r"\| epoch: (\d+) \|")
 
 
 def parse_summary(text):
@@ -43,8 +44,8 @@ def parse_summary(text):
 def run_once(train_path, seed, log_path, timeout):
     """Run train_path once with AUTORESEARCH_SEED=seed; write its output to log_path.
 
-    Returns a dict: seed, val_bpb (float or None on a crash), num_steps (int or None),
-    wall_s, load (1-minute load average before the start), returncode.
+    Returns a dict: seed, val_bpb (float or None on a crash), num_steps (int or None), epochs (the
+    training data's epoch at the last progress line, int or None), wall_s, load (1-minute load average before the start), returncode.
     """
     env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
     load = os.getloadavg()[0]
@@ -57,8 +58,9 @@ def run_once(train_path, seed, log_path, timeout):
         except subprocess.TimeoutExpired:
             returncode = "timeout"
     with open(log_path) as log:
-        summary = parse_summary(log.read())
-    return dict(seed=seed, val_bpb=float(summary["val_bpb"]) if "val_bpb" in summary else None,
+        text = log.read()
+    summary, epochs = parse_summary(text), EPOCH.findall(text)
+    return dict(seed=seed, epochs=int(epochs[-1]) if epochs else None, val_bpb=float(summary["val_bpb"]) if "val_bpb" in summary else None,
                 num_steps=int(summary["num_steps"]) if "num_steps" in summary else None,
                 wall_s=time.time() - t0, load=load, returncode=returncode)
 
@@ -79,6 +81,26 @@ def describe(runs):
                    min=min(bpb), max=max(bpb), range=max(bpb) - min(bpb),
                    steps_min=min(steps), steps_max=max(steps), steps_mean=statistics.fmean(steps))
     return out
+
+
+def steps_fit(runs):
+    """Least-squares line val_bpb = a + slope * num_steps over the finished runs.
+
+    How much of the spread is the machine (how many steps the budget bought): slope (val_bpb per step),
+    r (Pearson correlation) and resid_std (sample std of the residuals, ddof 2: the spread at a fixed
+    number of steps). Returns None with fewer than 3 finished runs or a single step count.
+    """
+    ok = [(r["num_steps"], r["val_bpb"]) for r in runs if r["val_bpb"] is not None]
+    if len(ok) < 3 or len({n for n, _ in ok}) < 2:
+        return None
+    n, v = zip(*ok)
+    mn, mv = statistics.fmean(n), statistics.fmean(v)
+    sxx = sum((x - mn) ** 2 for x in n)
+    sxy = sum((x - mn) * (y - mv) for x, y in ok)
+    syy = sum((y - mv) ** 2 for y in v)
+    slope = sxy / sxx
+    resid = sum((y - mv - slope * (x - mn)) ** 2 for x, y in ok)
+    return dict(slope=slope, r=sxy / (sxx * syy) ** 0.5 if syy else 0.0, resid_std=(resid / (len(ok) - 2)) ** 0.5)
 
 
 def table(kinds):
@@ -118,6 +140,14 @@ def main(argv=None):
               f"load-before {r['load']:.2f} rc {r['returncode']} log {log_path}", flush=True)
     print()
     print(table([(f"same seed ({args.seed})", same), ("different seeds", other), ("all", same + other)]))
+    fit = steps_fit(same + other)
+    if fit:
+        print(f"\nval_bpb vs num_steps over all runs: slope {fit['slope']:+.6f} per step, r {fit['r']:+.2f}, "
+              f"std at a fixed num_steps {fit['resid_std']:.6f}")
+    epochs = max((r["epochs"] for r in same + other if r["epochs"] is not None), default=None)
+    if epochs and epochs > 1:
+        print(f"The training data repeated (epoch {epochs} reached): more steps can mean more overfitting, "
+              "so on this data val_bpb may rise with num_steps.")
 
 
 if __name__ == "__main__":

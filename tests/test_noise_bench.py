@@ -16,7 +16,7 @@ spec.loader.exec_module(noise)
 FAKE_TRAIN = r'''
 import os, sys
 seed = int(os.environ["AUTORESEARCH_SEED"])
-print("step 00001 (1.0%) | loss: 9.0\rstep 00002 (2.0%) | loss: 8.0", end="")
+print("step 00001 (1.0%) | loss: 9.0 | epoch: 1 | x\rstep 00002 (2.0%) | loss: 8.0 | epoch: 2 | x", end="")
 print()
 if seed == 45:
     print("Traceback: boom", file=sys.stderr)
@@ -60,6 +60,22 @@ def test_runs_same_and_other_seeds_and_reports_their_spread(tmp_path, capsys):
     assert rows["different seeds"] == ["2", "2.043500", f"{std:.6f}", "2.043000", "2.044000", "0.001000",
                                        "101-102 (101.5)", "1"]
     assert rows["all"][0] == "5" and rows["all"][-1] == "1"
+    # the fit over the finished runs (steps 100, 101, 102 for seeds 42, 43, 44) and the repeated data
+    fit = noise.steps_fit([dict(val_bpb=2 + s / 1000, num_steps=100 + s % 3) for s in (42, 42, 42, 43, 44)])
+    assert f"slope {fit['slope']:+.6f} per step, r {fit['r']:+.2f}" in out
+    assert "epoch 2 reached" in out
+
+
+def test_steps_fit_by_hand():
+    line = [dict(val_bpb=2.0 + 0.001 * s, num_steps=s) for s in (200, 220, 250)]
+    fit = noise.steps_fit(line + [dict(val_bpb=None, num_steps=None)])
+    assert fit["slope"] == pytest.approx(0.001) and fit["r"] == pytest.approx(1.0) and fit["resid_std"] < 1e-9
+    # (0, 0), (1, 1), (2, 0), (3, 1): slope 0.2, residuals -0.2, 0.6, -0.6, 0.2 -> std sqrt(0.8 / 2)
+    zigzag = noise.steps_fit([dict(val_bpb=float(v), num_steps=s) for s, v in enumerate((0, 1, 0, 1))])
+    assert fit is not None and zigzag["slope"] == pytest.approx(0.2)
+    assert zigzag["resid_std"] == pytest.approx((0.8 / 2) ** 0.5)
+    assert zigzag["r"] == pytest.approx(0.2 * 5 / (5 * 1) ** 0.5)
+    assert noise.steps_fit(line[:2]) is None and noise.steps_fit([dict(val_bpb=2.0, num_steps=5)] * 3) is None
 
 
 def test_describe_matches_statistics():
