@@ -374,11 +374,21 @@ def oracle_bound(sigma, dist, scale, max_false=0.05, max_runs=6, points=300, ste
     return high
 
 
+def positive(cast):
+    """argparse type: `cast` the text and refuse values <= 0 with one line (not a numpy traceback later)."""
+    def parse(text):
+        value = cast(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--sigma-cpu", type=float, default=0.004, help="measured CPU noise (bench/noise.py)")
-    parser.add_argument("--sigma-gpu", type=float, default=0.0005, help="GPU-like noise (default 0.0005)")
-    parser.add_argument("--reps", type=int, default=4000, help="loops per cell (default 4000)")
+    parser.add_argument("--sigma-cpu", type=positive(float), default=0.004, help="measured CPU noise (bench/noise.py)")
+    parser.add_argument("--sigma-gpu", type=positive(float), default=0.0005, help="GPU-like noise (default 0.0005)")
+    parser.add_argument("--reps", type=positive(int), default=4000, help="loops per cell (default 4000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     t0 = time.time()

@@ -56,8 +56,8 @@ def cell(rule, platform, sigma, dist, reps, seed):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--sigma-cpu", type=float, default=0.0092)
-    parser.add_argument("--reps", type=int, default=2000)
+    parser.add_argument("--sigma-cpu", type=kr.positive(float), default=0.0092)
+    parser.add_argument("--reps", type=kr.positive(int), default=2000)
     parser.add_argument("--seed", type=int, default=1, help="not keep_rule.py's seed 0: fresh draws")
     args = parser.parse_args(argv)
 

@@ -125,6 +125,8 @@ def main(argv=None):
     parser.add_argument("--log-dir", default=os.path.join(ROOT, "bench", "noise_logs"), help="per-run logs")
     parser.add_argument("--timeout", type=float, default=900, help="seconds before a run is killed (default 900)")
     args = parser.parse_args(argv)
+    if args.k < 1:
+        parser.error(f"--k must be at least 1, got {args.k}")
     train_path = os.path.abspath(args.train)
     os.makedirs(args.log_dir, exist_ok=True)
 

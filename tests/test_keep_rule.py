@@ -130,3 +130,11 @@ def test_rule_long_runs_by_hand():
     helpful, harmful = run_fixed(search.RuleLong(), -0.001), run_fixed(search.RuleLong(), 0.001)
     assert (helpful.keeps == 24).all() and (helpful.n_best == 3).all()
     assert (harmful.keeps == 0).all() and (harmful.decisions == 95).all() and (harmful.n_best == 5).all()
+
+
+@pytest.mark.parametrize("main, args", [(kr.main, ["--reps", "0"]), (kr.main, ["--sigma-cpu", "-0.01"]),
+                                        (search.main, ["--sigma-cpu", "0"])])
+def test_bad_arguments_get_one_line(main, args, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(args)
+    assert exit_.value.code == 2 and f"must be > 0, got {args[1]}" in capsys.readouterr().err

@@ -85,3 +85,9 @@ def test_describe_matches_statistics():
     assert d["mean"] == pytest.approx(2.2) and d["std"] == pytest.approx(0.1)
     assert d["range"] == pytest.approx(0.2) and (d["steps_min"], d["steps_max"], d["steps_mean"]) == (50, 54, 52)
     assert noise.describe([dict(val_bpb=None, num_steps=None)])["mean"] is None
+
+
+def test_refuses_no_runs(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        noise.main(["--k", "0"])
+    assert exit_.value.code == 2 and "--k must be at least 1, got 0" in capsys.readouterr().err
