@@ -45,7 +45,8 @@ def run_once(train_path, seed, log_path, timeout):
     """Run train_path once with AUTORESEARCH_SEED=seed; write its output to log_path.
 
     Returns a dict: seed, val_bpb (float or None on a crash), num_steps (int or None), epochs (the
-    training data's epoch at the last progress line, int or None), wall_s, load (1-minute load average before the start), returncode.
+    training data's epoch at the last progress line, int or None), wall_s, load (1-minute load
+    average before the start), returncode.
     """
     env = dict(os.environ, AUTORESEARCH_SEED=str(seed), PYTHONUNBUFFERED="1")
     load = os.getloadavg()[0]
@@ -60,7 +61,8 @@ def run_once(train_path, seed, log_path, timeout):
     with open(log_path) as log:
         text = log.read()
     summary, epochs = parse_summary(text), EPOCH.findall(text)
-    return dict(seed=seed, epochs=int(epochs[-1]) if epochs else None, val_bpb=float(summary["val_bpb"]) if "val_bpb" in summary else None,
+    return dict(seed=seed, epochs=int(epochs[-1]) if epochs else None,
+                val_bpb=float(summary["val_bpb"]) if "val_bpb" in summary else None,
                 num_steps=int(summary["num_steps"]) if "num_steps" in summary else None,
                 wall_s=time.time() - t0, load=load, returncode=returncode)
 
@@ -94,13 +96,10 @@ def steps_fit(runs):
     if len(ok) < 3 or len({n for n, _ in ok}) < 2:
         return None
     n, v = zip(*ok)
-    mn, mv = statistics.fmean(n), statistics.fmean(v)
-    sxx = sum((x - mn) ** 2 for x in n)
-    sxy = sum((x - mn) * (y - mv) for x, y in ok)
-    syy = sum((y - mv) ** 2 for y in v)
-    slope = sxy / sxx
-    resid = sum((y - mv - slope * (x - mn)) ** 2 for x, y in ok)
-    return dict(slope=slope, r=sxy / (sxx * syy) ** 0.5 if syy else 0.0, resid_std=(resid / (len(ok) - 2)) ** 0.5)
+    slope, intercept = statistics.linear_regression(n, v)
+    resid = sum((y - intercept - slope * x) ** 2 for x, y in ok)
+    r = statistics.correlation(n, v) if len(set(v)) > 1 else 0.0
+    return dict(slope=slope, r=r, resid_std=(resid / (len(ok) - 2)) ** 0.5)
 
 
 def table(kinds):
