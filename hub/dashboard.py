@@ -50,6 +50,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from hub.results import parse_post
+from hub.server import LEAVES_WHERE, commits_with_prefix
 
 log = logging.getLogger("hub.dashboard")
 
@@ -239,12 +240,6 @@ def platform_summary(conn):
     return summary
 
 
-def find_commit(conn, prefix):
-    """The full hashes of the hub's commits that start with `prefix` (lower-case hex), at most 2."""
-    return [h for (h,) in conn.execute("SELECT hash FROM commits WHERE hash >= ? AND hash < ? LIMIT 2",
-                                       (prefix, prefix + "g"))]
-
-
 def commit_record(conn, full):
     row = conn.execute("SELECT hash, parent_hash, agent_id, message, created_at FROM commits WHERE hash = ?",
                        (full,)).fetchone()
@@ -265,7 +260,7 @@ def lineage(conn, full):
 
 def leaves(conn, limit=LEAVES_SHOWN):
     """The newest `limit` commits with no children (the tips of exploration) and the count of all."""
-    query = "FROM commits c WHERE NOT EXISTS (SELECT 1 FROM commits d WHERE d.parent_hash = c.hash)"
+    query = "FROM commits c " + LEAVES_WHERE
     (total,) = conn.execute("SELECT COUNT(*) " + query).fetchone()
     rows = conn.execute(f"SELECT hash, parent_hash, agent_id, message, created_at {query} "
                         "ORDER BY created_at DESC, hash LIMIT ?", (limit,)).fetchall()
@@ -430,7 +425,7 @@ def render_index(conn, platforms, version):
 
     def resolve(short):
         if short and short not in known:
-            hits = find_commit(conn, short)
+            hits = commits_with_prefix(conn, short)
             known[short] = hits[0] if len(hits) == 1 else None
         return known.get(short)
 
@@ -727,7 +722,7 @@ def routes(state):
         if not HASH.match(prefix):
             return PlainTextResponse("a commit hash is 4 to 40 hex digits\n", status_code=400, headers=HEADERS)
         conn = reader()
-        hits = find_commit(conn, prefix)
+        hits = commits_with_prefix(conn, prefix)
         if len(hits) != 1:
             return PlainTextResponse("no such commit on the hub\n" if not hits else "ambiguous hash prefix\n",
                                      status_code=404, headers=HEADERS)

@@ -66,8 +66,9 @@ import threading
 import time
 from types import SimpleNamespace
 
-if __name__ == "__main__":  # run as a script: make `import hub.xxx` work from the repository root
+if __name__ == "__main__":  # run as a script: make `import hub.xxx` work from the repository root,
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.modules["hub.server"] = sys.modules["__main__"]  # and `hub.server` (the dashboard's import) this module
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -471,18 +472,27 @@ def move_objects(hub, quarantine):
     fsync_dir(dst)
 
 
+# commits without children (the tips of exploration): a WHERE clause on `commits c`
+LEAVES_WHERE = "WHERE NOT EXISTS (SELECT 1 FROM commits d WHERE d.parent_hash = c.hash)"
+
+
+def commits_with_prefix(conn, prefix):
+    """The full hashes of at most 2 commit records starting with `prefix` (lower-case hex): a range scan."""
+    return [h for (h,) in conn.execute("SELECT hash FROM commits WHERE hash >= ? AND hash < ? LIMIT 2",
+                                       (prefix, prefix + "g"))]
+
+
 def resolve(conn, prefix):
     """The full hash of the one commit record starting with prefix; HubError 400/404/409 otherwise."""
     prefix = prefix.lower()
     if not HASH_PREFIX.fullmatch(prefix):
         raise HubError(400, f"{prefix!r} is not a commit hash (4 to 40 hex digits)")
-    rows = conn.execute("SELECT hash FROM commits WHERE hash >= ? AND hash < ? LIMIT 2",
-                        (prefix, prefix + "g")).fetchall()
+    rows = commits_with_prefix(conn, prefix)
     if not rows:
         raise HubError(404, f"no commit {prefix}")
     if len(rows) > 1:
         raise HubError(409, f"{prefix} is ambiguous: give more digits")
-    return rows[0][0]
+    return rows[0]
 
 
 def query_commits(hub, where, params, limit):
@@ -564,8 +574,7 @@ def make_routes(hub):
 
     async def do_leaves(request, _):
         limit = int_param(request, "limit", hub.limits["list_max"], 1, hub.limits["list_max"])
-        where = "WHERE NOT EXISTS (SELECT 1 FROM commits d WHERE d.parent_hash = c.hash)"
-        return JSONResponse(await run_in_threadpool(query_commits, hub, where, [], limit))
+        return JSONResponse(await run_in_threadpool(query_commits, hub, LEAVES_WHERE, [], limit))
 
     async def do_children(request, _):
         def children():
