@@ -90,8 +90,9 @@ Every number is an entry of LIMITS (default in brackets), changed with --limit N
   at a lower priority (nice 5): one agent's git work never makes the rest of the API wait. Requests are
   rate-limited per key (rate, burst; pushes push_rate, push_burst).
 - Connections (uvicorn's HTTP/1.1 with GuardedH11): at most `connections` [1000] open; each must send its
-  request headers within header_timeout_s [10 s]; at the cap, the connection waiting longest for its headers
-  is closed to make room, so a flood of slow connections cannot keep a normal request out. A flood of bad
+  request headers within header_timeout_s [10 s] and its body within body_timeout_s [120 s] (408); at the
+  cap, the connection waiting longest for its headers is closed to make room, so a flood of slow connections
+  cannot keep a normal request out. A flood of bad
   requests or connections logs one line per kind per LOG_INTERVAL_S (60 s), without tracebacks.
 - Browsers and proxies: X-Forwarded-For and friends are ignored unless --trust-proxy; on a loopback address
   only loopback Host names are served (no DNS rebinding); a JSON body needs Content-Type application/json (no
@@ -118,7 +119,6 @@ import secrets
 import shutil
 import signal
 import sqlite3
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -141,8 +141,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from hub.store import (COMMIT_FIELDS, LEAVES_WHERE, SCHEMA, HubError, commits_with_prefix, connect, fsync_dir, git,
-                       known_commits, resolve)
+from hub.store import COMMIT_FIELDS, LEAVES_WHERE, SCHEMA, HubError, connect, fsync_dir, git, known_commits, resolve
 
 # ---------------------------------------------------------------------------
 # Limits (create_app(limits=...) or --limit NAME=VALUE override any of them)
@@ -167,6 +166,7 @@ LIMITS = dict(
     list_max=500,             # most records one GET returns
     connections=1000,         # open connections (uvicorn); each needs a file descriptor
     header_timeout_s=10.0,    # to send a request's headers, from connecting or from the end of the last answer
+    body_timeout_s=120.0,     # to send a request's body (8 MiB at 70 KB/s)
     rate=2.0, burst=120,      # requests per second per key (token bucket); an agent needs ~10 per 5 minutes
     push_rate=0.2, push_burst=10,          # pushes per second per key: each one runs git several times
     register_rate=0.2, register_burst=20,  # registrations (and invite-token tries) per second per client address
@@ -214,6 +214,7 @@ class Hub:
         self.git_running = collections.Counter()  # agent -> git jobs running (under bucket_lock)
         self.pushes = 0
         self.bundles, self.bundle_bytes = collections.OrderedDict(), 0  # LRU of fetched bundles
+        self.best_of = {}  # platform -> (records version, answer of /api/best)
         os.makedirs(self.data, exist_ok=True)
         shutil.rmtree(self.tmp, ignore_errors=True)  # quarantines of pushes that never finished
         os.makedirs(self.tmp)
@@ -331,8 +332,7 @@ def hash_key(api_key):
 # Agents and keys
 # ---------------------------------------------------------------------------
 
-def register(hub, body, invite, client):
-    hub.limit_rate(client, "register_")
+def register(hub, body, invite):
     if hub.invite_token is not None and not hmac.compare_digest(invite.encode(), hub.invite_token.encode()):
         raise HubError(403, "registration needs the hub's invite token in the X-Invite-Token header")
     name = body.get("id")
@@ -625,6 +625,18 @@ def baseline(hub, prepare_py):
     return dict(row)
 
 
+# Results name a commit by a prefix (7 digits, more when 7 were ambiguous): each prefix is resolved to the one
+# commit on the hub it names (none or several: the results do not count), then a commit's runs are pooled.
+BEST_SQL = """
+WITH runs AS (SELECT commit_hash AS prefix, SUM(val_bpb) AS total, COUNT(*) AS n, MIN(id) AS first FROM results
+              WHERE platform = ? AND status IN ('keep', 'discard') AND val_bpb IS NOT NULL GROUP BY commit_hash),
+     named AS (SELECT MIN(c.hash) AS hash, r.total, r.n, r.first FROM runs r
+               JOIN commits c ON c.hash >= r.prefix AND c.hash < r.prefix || 'g' GROUP BY r.prefix HAVING COUNT(*) = 1)
+SELECT hash, SUM(total) / SUM(n) AS mean, SUM(n) AS n, MIN(first) AS first FROM named GROUP BY hash
+ORDER BY mean, first LIMIT 1
+"""
+
+
 def best(hub, platform):
     """The commit with the lowest mean val_bpb over its parsed, finished results on platform (the dashboard's
     `results` rows: keep and discard; not crash, not unparsed), among the commits on the hub.
@@ -633,52 +645,55 @@ def best(hub, platform):
     and message); a tie goes to the commit whose first result came first. HubError 404 when there is none.
     """
     conn = hub.reader()
-    try:
-        rows = conn.execute("SELECT commit_hash, val_bpb FROM results WHERE platform = ? AND status IN "
-                            "('keep', 'discard') AND val_bpb IS NOT NULL ORDER BY id", (platform,)).fetchall()
+    try:  # the answer changes only with a new result or commit: kept per platform until then (a query is ~50 ms
+        # with 20,000 results, and every agent asks after every run)
+        version = conn.execute("SELECT (SELECT MAX(id) FROM results), (SELECT MAX(rowid) FROM commits)").fetchone()
+        cached = hub.best_of.get(platform)
+        if cached and cached[0] == tuple(version):
+            return cached[1]
+        row = conn.execute(BEST_SQL, (platform,)).fetchone()
     except sqlite3.OperationalError:  # no results table: a hub started without the page
-        rows = []
-    full, values = {}, {}  # results name a commit by a prefix: 7 digits, or more when 7 were ambiguous
-    for prefix, value in rows:
-        if prefix not in full:
-            found = commits_with_prefix(conn, prefix)
-            full[prefix] = found[0] if len(found) == 1 else None
-        if full[prefix]:
-            values.setdefault(full[prefix], []).append(value)
-    if not values:
+        row = None
+    if row is None:
         raise HubError(404, f"no results on platform {platform!r} for commits on the hub")
-    commit = min(values, key=lambda c: statistics.fmean(values[c]))  # min keeps the first of equal means
-    record = conn.execute("SELECT agent_id, message FROM commits WHERE hash = ?", (commit,)).fetchone()
-    return {"hash": commit, "val_bpb": statistics.fmean(values[commit]), "n": len(values[commit]),
-            "agent_id": record["agent_id"], "message": record["message"]}
+    record = conn.execute("SELECT agent_id, message FROM commits WHERE hash = ?", (row["hash"],)).fetchone()
+    answer = {"hash": row["hash"], "val_bpb": row["mean"], "n": row["n"], "agent_id": record["agent_id"],
+              "message": record["message"]}
+    hub.best_of[platform] = (tuple(version), answer)  # only platforms with results: as many as the page shows
+    return answer
 
 
 # ---------------------------------------------------------------------------
 # HTTP: request parsing and the routes
 # ---------------------------------------------------------------------------
 
-async def read_body(request, limit):
-    """The request body, at most limit bytes (HubError 413 beyond, without reading the rest)."""
+async def read_body(request, limit, timeout):
+    """The request body, at most limit bytes (HubError 413 beyond, without reading the rest), in at most timeout
+    seconds (HubError 408: a client trickling its body holds a connection, not the hub)."""
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isascii() or not declared.isdigit() or len(declared) > 20
                                  or int(declared) > limit):
         raise HubError(413, f"body larger than {limit} bytes")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HubError(413, f"body larger than {limit} bytes")
-        chunks.append(chunk)
+    try:
+        with anyio.fail_after(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise HubError(413, f"body larger than {limit} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise HubError(408, f"body not received within {timeout:g} s") from None
     return b"".join(chunks)
 
 
-async def read_json(request, limit):
+async def read_json(request, limit, timeout):
     """The JSON object of the body; HubError 415 without Content-Type application/json (a browser's cross-site
     form post cannot send it), 400 for anything but a JSON object of valid Unicode, 413 beyond limit bytes."""
     if request.headers.get("content-type", "").partition(";")[0].strip().lower() != "application/json":
         raise HubError(415, "send the body as JSON with the header Content-Type: application/json")
     try:
-        body = json.loads(await read_body(request, limit))
+        body = json.loads(await read_body(request, limit, timeout))
         json.dumps(body, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") is no text to store
     except (ValueError, RecursionError):  # UnicodeDecodeError and UnicodeEncodeError are ValueErrors
         raise HubError(400, "body is not valid JSON of valid Unicode") from None
@@ -712,14 +727,15 @@ def make_routes(hub):
         return route
 
     async def do_register(request, _):
-        body = await read_json(request, hub.limits["body_bytes"])
         client = request.client.host if request.client else "?"
-        answer = await run_in_threadpool(register, hub, body, request.headers.get("x-invite-token", ""), client)
+        hub.limit_rate(client, "register_")  # before reading the body: a flood costs the hub nothing
+        body = await read_json(request, hub.limits["body_bytes"], hub.limits["body_timeout_s"])
+        answer = await run_in_threadpool(register, hub, body, request.headers.get("x-invite-token", ""))
         return JSONResponse(answer, status_code=201)
 
     async def do_push(request, agent_id):
         hub.limit_rate(agent_id, "push_")
-        data = await read_body(request, hub.limits["push_bytes"])
+        data = await read_body(request, hub.limits["push_bytes"], hub.limits["body_timeout_s"])
         return JSONResponse(await hub.git_work(agent_id, push, hub, agent_id, data))
 
     async def do_fetch(request, agent_id):
@@ -765,7 +781,7 @@ def make_routes(hub):
         return JSONResponse(await run_in_threadpool(best, hub, platform))
 
     async def do_create_channel(request, agent_id):
-        body = await read_json(request, hub.limits["body_bytes"])
+        body = await read_json(request, hub.limits["body_bytes"], hub.limits["body_timeout_s"])
         return JSONResponse(await run_in_threadpool(create_channel, hub, agent_id, body), status_code=201)
 
     async def do_list_channels(request, _):
@@ -775,7 +791,7 @@ def make_routes(hub):
         return JSONResponse(await run_in_threadpool(channels))
 
     async def do_create_post(request, agent_id):
-        body = await read_json(request, hub.limits["body_bytes"])
+        body = await read_json(request, hub.limits["body_bytes"], hub.limits["body_timeout_s"])
         post = await run_in_threadpool(create_post, hub, agent_id, request.path_params["name"], body)
         return JSONResponse(post, status_code=201)
 

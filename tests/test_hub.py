@@ -869,6 +869,22 @@ def test_slow_connections_do_not_block_a_request_and_do_not_flood_the_log(tmp_pa
     assert len(log.splitlines()) <= 6, log
 
 
+def test_a_body_must_arrive_within_its_time_limit(tmp_path):
+    """A client trickling its body holds its connection only until body_timeout_s (then 408)."""
+    hub = HubProcess(tmp_path / "d", args=["--limit", "body_timeout_s=1"])
+    try:
+        with socket.create_connection(("127.0.0.1", hub.port), timeout=30) as s:
+            s.sendall(b"POST /api/register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 20\r\n\r\n{\"id\": ")  # and never the rest
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += s.recv(1000)
+            answer = answer.decode()
+    finally:
+        hub.kill()
+    assert answer.startswith("HTTP/1.1 408") and "within 1 s" in answer
+
+
 def test_proxy_headers_are_ignored_unless_trusted(tmp_path):
     """P6: on loopback the hub took the client address from X-Forwarded-For: 200 registrations with 200
     forged addresses all passed the per-address limit."""
