@@ -418,15 +418,23 @@ def list_posts(hub, channel, limit, before):
 # Commits: push (quarantine, rules, move in), fetch, queries
 # ---------------------------------------------------------------------------
 
-def bundle_pack_offset(path):
-    """Byte offset of the pack data in a v2/v3 git bundle (after the header's blank line)."""
-    with open(path, "rb") as f:
-        offset = 0
-        for line in f:
-            offset += len(line)
-            if line == b"\n":
-                return offset
-    raise HubError(400, "not a git bundle: no end of header")
+def bundle_header(data):
+    """(prerequisite commits, head commits, offset of the pack) of a v2/v3 git bundle (bytes); HubError 400.
+
+    The header, as `git bundle create` writes it: its signature line, then `-<oid> <comment>` for each
+    commit the bundle needs, `<oid> <refname>` for each ref, `@<capability>` lines (v3), a blank line."""
+    end = data.find(b"\n\n")
+    if not data.startswith((b"# v2 git bundle\n", b"# v3 git bundle\n")) or end < 0:
+        raise HubError(400, "not a git bundle (make one with `git bundle create <file> HEAD`)")
+    prerequisites, heads = set(), set()
+    for line in data[:end].decode(errors="replace").split("\n")[1:]:
+        if line in ("@object-format=sha1", ""):
+            continue
+        oid = line.split(" ", 1)[0]
+        if not re.fullmatch("-?[0-9a-f]{40}", oid):
+            raise HubError(400, f"git bundle header: cannot use {line[:80]!r}")
+        (prerequisites if oid.startswith("-") else heads).add(oid.lstrip("-"))
+    return prerequisites, heads, end + 2
 
 
 def push(hub, agent_id, data):
@@ -435,28 +443,24 @@ def push(hub, agent_id, data):
     limits = hub.limits
     work = tempfile.mkdtemp(dir=hub.tmp)
     try:
-        if not data.startswith((b"# v2 git bundle\n", b"# v3 git bundle\n")):
-            raise HubError(400, "not a git bundle (make one with `git bundle create <file> HEAD`)")
-        bundle = os.path.join(work, "push.bundle")
-        with open(bundle, "wb") as f:
-            f.write(data)
-        hub.git("bundle", "verify", "--quiet", bundle)
-        heads = {line.split()[0] for line in hub.git("bundle", "list-heads", bundle).decode().splitlines()}
+        prerequisites, heads, offset = bundle_header(data)
         if not heads:
             raise HubError(400, "the bundle holds no ref")
         if len(heads) > limits["push_refs"]:
             raise HubError(413, f"the bundle holds {len(heads)} refs, more than {limits['push_refs']}")
+        missing = prerequisites - known_commits(hub.reader(), sorted(prerequisites))
+        if missing:
+            raise HubError(400, f"the git bundle needs commits the hub lacks ({', '.join(sorted(missing))[:200]}): "
+                                "push them too")
         # quarantine: new objects go to work/objects, the hub's own are visible through the alternate
         quarantine = os.path.join(work, "objects")
         os.makedirs(os.path.join(quarantine, "pack"))
         env = dict(os.environ, GIT_OBJECT_DIRECTORY=quarantine,
                    GIT_ALTERNATE_OBJECT_DIRECTORIES=os.path.join(hub.repo, "objects"))
-        with open(bundle, "rb") as f:
-            f.seek(bundle_pack_offset(bundle))
-            try:
-                hub.git("index-pack", "--strict", "--fix-thin", "--stdin", input=f, env=env)
-            except HubError as error:
-                raise HubError(error.status, "bad pack in bundle: " + error.message) from None
+        try:
+            hub.git("index-pack", "--strict", "--fix-thin", "--stdin", input=data[offset:], env=env)
+        except HubError as error:
+            raise HubError(error.status, "bad pack in bundle: " + error.message) from None
         crash_point("push:indexed")
         types = hub.git("cat-file", "--batch-check=%(objectname) %(objecttype)", input=lines(heads), env=env)
         for head, kind in (line.split() for line in types.decode().splitlines()):

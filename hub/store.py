@@ -8,6 +8,7 @@ and the page (hub/dashboard.py). Neither of those imports the other; both import
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import sqlite3
@@ -21,13 +22,19 @@ import time
 GIT_TIMEOUT_S = 60
 GIT_OUTPUT_BYTES = 64 << 20
 GIT_HEAP_BYTES = 1 << 30
-# Each git child runs as `setpriv --pdeathsig KILL -- prlimit --data=<heap> -- nice -n 5 git ...` (util-linux):
-# it dies with the hub, its heap is capped, the hub's own thread goes first. Not with preexec_fn: for that,
-# Python forks a copy of the whole hub while holding the GIL (50 ms for a 200 MB hub, and every other request
-# waits), where it otherwise spawns directly (4 ms; the three wrappers add 5 ms). Without util-linux (macOS),
-# git runs unwrapped.
-WRAP = (["setpriv", "--pdeathsig", "KILL", "--", "prlimit", f"--data={GIT_HEAP_BYTES}", "--", "nice", "-n", "5"]
-        if shutil.which("setpriv") and shutil.which("prlimit") else [])
+# Each git child runs as `setpriv --pdeathsig KILL -- git ...` (util-linux; without it, macOS, git runs bare): it
+# dies with the hub. Its heap cap and lower priority are set from outside right after it starts (a few
+# microseconds late). Not with preexec_fn: for that, Python forks a copy of the whole hub while holding the
+# GIL (50 ms for a 200 MB hub, and every other request waits), where it otherwise spawns directly (4 ms).
+WRAP = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
+GIT_NICE = 5  # the hub's own thread (every other request) goes first
+
+
+def _bound(pid):
+    with contextlib.suppress(ProcessLookupError, PermissionError, AttributeError):  # exited; not Linux
+        resource.prlimit(pid, resource.RLIMIT_DATA, (GIT_HEAP_BYTES, GIT_HEAP_BYTES))
+        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + GIT_NICE)
+
 
 HASH_PREFIX = re.compile(r"[0-9a-f]{4,40}")
 SCHEMA = """
@@ -90,6 +97,7 @@ def git(repo, *args, env=None, input=None, check=True, timeout=GIT_TIMEOUT_S, ma
     with tempfile.TemporaryFile() as err, subprocess.Popen(
             [*WRAP, "git", "--git-dir", repo, *args], env=env, stdout=subprocess.PIPE, stderr=err,
             stdin=subprocess.PIPE if piped else input or subprocess.DEVNULL, process_group=0) as proc:
+        _bound(proc.pid)
         def kill():  # git's own children too: `bundle create` runs `pack-objects`, which holds the pipe
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
