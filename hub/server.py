@@ -86,8 +86,8 @@ Every number is an entry of LIMITS (default in brackets), changed with --limit N
   baselines per agent in all. A post at most post_bytes [16 KiB], a description description_chars [500],
   channels [100] in all.
 - Time: every git run is killed after git_timeout_s [30 s] (503). Git work (push, fetch, diff) runs on
-  git_workers [8] threads of its own, at most git_per_agent [2] at once per agent (429 beyond), and git runs
-  at a lower priority (nice 5): one agent's git work never makes the rest of the API wait. Requests are
+  git_workers [8] threads of its own, at most git_per_agent [2] at once per agent (429 beyond): one agent's
+  git work never takes the threads of the rest of the API. Requests are
   rate-limited per key (rate, burst; pushes push_rate, push_burst).
 - Connections (uvicorn's HTTP/1.1 with GuardedH11): at most `connections` [1000] open; each must send its
   request headers within header_timeout_s [10 s] and its body within body_timeout_s [120 s] (408); at the

@@ -23,17 +23,17 @@ GIT_TIMEOUT_S = 60
 GIT_OUTPUT_BYTES = 64 << 20
 GIT_HEAP_BYTES = 1 << 30
 # Each git child runs as `setpriv --pdeathsig KILL -- git ...` (util-linux; without it, macOS, git runs bare): it
-# dies with the hub. Its heap cap and lower priority are set from outside right after it starts (a few
-# microseconds late). Not with preexec_fn: for that, Python forks a copy of the whole hub while holding the
-# GIL (50 ms for a 200 MB hub, and every other request waits), where it otherwise spawns directly (4 ms).
+# dies with the hub. Its heap cap is set from outside right after it starts (a few microseconds late). Not
+# with preexec_fn: for that, Python forks a copy of the whole hub while holding the GIL (50 ms for a 200 MB
+# hub, and every other request waits), where it otherwise spawns directly (4 ms). Not niced either: on a
+# shared machine niced git queued behind other work and every push waited (bench/hub.py, 500 agents: push
+# p50 1.5 s instead of 0.1 s).
 WRAP = ["setpriv", "--pdeathsig", "KILL", "--"] if shutil.which("setpriv") else []
-GIT_NICE = 5  # the hub's own thread (every other request) goes first
 
 
 def _bound(pid):
     with contextlib.suppress(ProcessLookupError, PermissionError, AttributeError):  # exited; not Linux
         resource.prlimit(pid, resource.RLIMIT_DATA, (GIT_HEAP_BYTES, GIT_HEAP_BYTES))
-        os.setpriority(os.PRIO_PROCESS, pid, os.getpriority(os.PRIO_PROCESS, 0) + GIT_NICE)
 
 
 HASH_PREFIX = re.compile(r"[0-9a-f]{4,40}")
