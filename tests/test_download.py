@@ -4,10 +4,11 @@ The server answers the hub's resolve endpoint (/datasets/<repo>/resolve/main/<fi
 huggingface_hub reads, X-Repo-Commit, ETag and Content-Length; GET with Range support, so the client can
 resume) and a plain mirror (/<file>). Each request can be scripted to misbehave. Outcomes asserted, and in
 every case the data directory ends up holding only shards that verify (nothing partial or corrupt):
-  hub: a connection cut mid-body, a short body, a stall -> huggingface_hub resumes (Range) and the shard
-       arrives; 5xx or 429 on the metadata request, 429 on the download -> retried, Retry-After honoured;
-       5xx on the download, a size that differs from the stated one, garbage of the right size, 404
-       -> the shard fails with one line; HF_TOKEN is sent as `Authorization: Bearer`
+  hub: a short body or a stall -> huggingface_hub resumes (Range) and the shard arrives; 5xx or 429 on the
+       metadata request, 429 on the download -> retried, Retry-After honoured; a connection reset mid-body
+       or 5xx on the download (the library retries neither), a size that differs from the stated one,
+       garbage of the right size, 404, offline, unreachable -> the shard fails with one line;
+       HF_TOKEN is sent as `Authorization: Bearer`
   mirror (--data-url http://...): connection errors, 5xx and 429 -> urllib3 retries (Retry-After honoured,
        up to RETRY_AFTER_MAX); a body cut off mid-way, garbage, 404/403 -> the shard fails with one line
   prepare.py as a program -> one summary line per distinct failure naming the source and the overrides;
@@ -196,13 +197,24 @@ def server():
     s.close()
 
 
+def point_hub_at(monkeypatch, url):
+    """huggingface_hub in this process pointed at `url` and online (HF_ENDPOINT is read when it is imported)."""
+    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+
+
+def closed_port_url():
+    """http://127.0.0.1:<a port nobody listens on>"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 @pytest.fixture
 def hub(server, monkeypatch):
-    """huggingface_hub in this process pointed at the loopback server (as HF_ENDPOINT does at import), online,
-    with 1 s timeouts."""
-    monkeypatch.setattr(hf_constants, "ENDPOINT", server.url)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", server.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    """huggingface_hub in this process pointed at the loopback server, with 1 s timeouts."""
+    point_hub_at(monkeypatch, server.url)
     monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
     monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 1)
     monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # 10 MB by default: more than a test shard
@@ -329,13 +341,7 @@ def test_hub_offline_or_unreachable_is_one_line(server, slept, data_dir, monkeyp
     # conftest's environment: HF_HUB_OFFLINE=1
     _, error = prepare.download_shard(0, None, data_dir)
     assert "offline mode is enabled" in error and "\n" not in error and server.log == []
-    # online, but nobody listens at the endpoint
-    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    monkeypatch.setattr(hf_constants, "ENDPOINT", dead)
-    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+    point_hub_at(monkeypatch, closed_port_url())  # online, but nobody listens at the endpoint
     _, error = prepare.download_shard(0, None, data_dir)
     assert "ConnectError" in error and "\n" not in error
     assert cache_listing(data_dir) == []
@@ -451,13 +457,9 @@ def test_refuses_when_the_disk_cannot_hold_the_shards(source, hub, slept, tmp_pa
 @pytest.mark.parametrize("source", ["hub", "mirror"])
 def test_unreachable_source_fails_with_one_line_naming_the_validation_shard(source, slept, tmp_path, monkeypatch):
     point_prepare_at(monkeypatch, tmp_path)
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = closed_port_url()
     if source == "hub":
-        monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(hf_constants, "ENDPOINT", dead)
-        monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", dead + "/{repo_id}/resolve/{revision}/{filename}")
+        point_hub_at(monkeypatch, dead)
     with pytest.raises(SystemExit) as excinfo:
         prepare.download_data(2, source=None if source == "hub" else dead, workers=3)
     lines = str(excinfo.value.code).splitlines()
@@ -489,7 +491,8 @@ def test_every_training_shard_missing_is_an_error_even_with_the_validation_shard
 
 def run_prepare(cache_dir, num_shards, url=None, hub=None, **popen):
     """prepare.py from a mirror (`url`) or, with hub=<FaultServer>, from the hub at HF_ENDPOINT=<its url>."""
-    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DEVICE="cpu", HF_HUB_DOWNLOAD_TIMEOUT="1")
+    env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DEVICE="cpu",
+               HF_HUB_DOWNLOAD_TIMEOUT="1")
     if hub is not None:
         env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_TOKEN="x")
     cmd = [sys.executable, "prepare.py", "--num-shards", str(num_shards), "--download-workers", "4"]

@@ -102,7 +102,7 @@ def test_token_clause_alone_decides_at_exactly_eval_tokens(val_cache, monkeypatc
         if eval_tokens == tokens:
             assert message == f"Validation split: {counts}; the evaluation reads {distinct:,} distinct rows of {rows:,}"
         else:
-            assert message.startswith(f"WARNING: the validation split") and counts in message, message
+            assert message.startswith("WARNING: the validation split") and counts in message, message
 
 
 def long_documents(tokenizer, n, seed):
