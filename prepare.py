@@ -191,7 +191,7 @@ def download_shard(index, source=None, data_dir=None):
             os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty "shard"
         os.replace(partial, path)
         return filename, None
-    except (OSError, httpx.HTTPError) as e:  # requests' and huggingface_hub's errors are OSErrors
+    except (OSError, httpx.HTTPError, RuntimeError) as e:  # a refused connection closes the hub client's shared session
         return filename, _one_line(e)
     finally:
         if os.path.exists(partial):

@@ -347,6 +347,16 @@ def test_hub_offline_or_unreachable_is_one_line(server, slept, data_dir, monkeyp
     assert cache_listing(data_dir) == []
 
 
+def test_the_hub_clients_closed_session_is_one_line(data_dir, monkeypatch):
+    """A thread's refused connection makes huggingface_hub close the client that the other threads use."""
+    def closed(*args, **kwargs):
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+    monkeypatch.setattr(prepare, "hf_hub_download", closed)
+    assert prepare.download_shard(0, None, data_dir) == (NAME, "RuntimeError: Cannot send a request, as the client "
+                                                               "has been closed.")
+    assert cache_listing(data_dir) == []
+
+
 def test_cached_shard_is_verified_and_a_corrupt_one_fetched_again(hub, slept, data_dir, tmp_path):
     hub.files["shard_00000.parquet"] = hub.files["shard_00001.parquet"] = body = shard_bytes(tmp_path, 1)
     write_shard(os.path.join(data_dir, "shard_00000.parquet"), ["cached"])
@@ -460,8 +470,9 @@ def test_unreachable_source_fails_with_one_line_naming_the_validation_shard(sour
     dead = closed_port_url()
     if source == "hub":
         point_hub_at(monkeypatch, dead)
+    # one worker: on a refused connection huggingface_hub closes the client its other threads are using
     with pytest.raises(SystemExit) as excinfo:
-        prepare.download_data(2, source=None if source == "hub" else dead, workers=3)
+        prepare.download_data(2, source=None if source == "hub" else dead, workers=1 if source == "hub" else 3)
     lines = str(excinfo.value.code).splitlines()
     assert dead in lines[0] and "could not fetch 3 of 3" in lines[0]
     # every shard failed the same way (the URLs differ only in the file name, shown as *): one line for all three
