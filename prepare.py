@@ -105,8 +105,8 @@ BOS_TOKEN = "<|reserved_0|>"
 TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text read for BPE
 TOKENIZER_DOC_CAP = 10_000           # each document cropped to this many characters
 
-# Download behaviour (the hub's client has its own; these are for an http(s) --data-url)
-DOWNLOAD_ATTEMPTS = 5
+# Download behaviour (on the hub, huggingface_hub's retry policy applies instead of the first two)
+DOWNLOAD_ATTEMPTS = 5                # tries per request to an http(s) --data-url
 RETRY_AFTER_MAX = 300                # longest Retry-After wait honoured, seconds (bounds a run's wait)
 DISK_CHECK_SAMPLE = 16               # shards whose size is asked for (HEAD) before downloading
 # Per-shard size when the source states none: a ClimbMix shard holds ~61M tokens
