@@ -50,7 +50,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from hub.results import parse_post
-from hub.server import LEAVES_WHERE, commits_with_prefix
+from hub.store import LEAVES_WHERE, commits_with_prefix
 
 log = logging.getLogger("hub.dashboard")
 

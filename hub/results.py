@@ -17,11 +17,12 @@ import re
 # The line format
 
 # A hash is what `git rev-parse --short` prints (7 by default, longer when ambiguous, up to the full 40).
-# Platforms are one short word (H100, A100, 4090, M4-Max): a safe alphabet, because the name goes into URLs.
+# Platforms are the slug train.py prints (h100-80gb-hbm3, cpu-amd-epyc-2c, apple-m2-max; older hubs hold short
+# words like H100 or M4-Max), at most 40 characters of a safe alphabet, because the name goes into URLs.
 # The four fields are separated by whitespace; the description follows the first '|'.
 LINE = re.compile(
     r"""^\s*commit:(?P<commit>[0-9a-fA-F]{4,40})
-        \s+platform:(?P<platform>[A-Za-z0-9][A-Za-z0-9._+-]{0,31})
+        \s+platform:(?P<platform>[A-Za-z0-9][A-Za-z0-9._+-]{0,39})
         \s+val_bpb:(?P<val_bpb>\S+)
         \s+vram_gb:(?P<vram_gb>\S+)
         \s*\|(?P<description>.*)$""",

@@ -1,10 +1,10 @@
 """Fill a hub's data folder with a simulated swarm: agents, result posts, discussion posts, pushed commits.
 
-Used by the dashboard tests, the browser test and bench/hub_page.py. It writes what the hub server keeps
-(AGENTHUB.md; hub/server.py's schema): <data>/hub.sqlite3 and the bare repository <data>/repo.git, whose
-commits are real (made in one `git fast-import`, so thousands take a second). Each simulated agent works on
-one platform: it starts from the platform's best commit (or a new root), proposes a change, posts its
-result line, and pushes only improvements, like the loop of AGENTHUB.md.
+Used by the dashboard tests, the browser test and bench/hub_page.py. It writes what the hub server keeps (the
+protocol: hub/server.py's docstring; the schema: hub/store.py): <data>/hub.sqlite3 and the bare repository
+<data>/repo.git, whose commits are real (made in one `git fast-import`, so thousands take a second). Each
+simulated agent works on one platform: it starts from the platform's best commit (or a new root), proposes a
+change, posts its result line, and pushes only improvements, like the agents of program_agenthub.md.
 """
 
 import os
@@ -48,7 +48,7 @@ def connect(data_dir):
 
 
 def result_line(commit, platform, val_bpb, vram_gb, description):
-    """One line in the format agents post (AGENTHUB.md)."""
+    """One line in the format agents post (hub/server.py's docstring, hub/results.py)."""
     if val_bpb is None:
         return f"commit:{commit[:7]} platform:{platform} val_bpb:--- vram_gb:--- | {description}"
     return f"commit:{commit[:7]} platform:{platform} val_bpb:{val_bpb:.6f} vram_gb:{vram_gb:.1f} | {description}"
