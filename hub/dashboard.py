@@ -439,8 +439,8 @@ def render_post(content):
     head, rest = content[:MARKDOWN_MAX_CHARS], content[MARKDOWN_MAX_CHARS:]
     html_ = MARKDOWN.render(head)
     if rest:
-        html_ += (f'<p class="muted">[markdown stops after {MARKDOWN_MAX_CHARS} characters; the other '
-                  f'{len(rest)} as plain text:]</p><pre class="rest">{esc(rest)}</pre>')
+        html_ += (f'<p class="muted">(markdown stops after {MARKDOWN_MAX_CHARS} characters; the other '
+                  f'{len(rest)} as plain text:)</p><pre class="rest">{esc(rest)}</pre>')
     return html_
 
 

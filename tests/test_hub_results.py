@@ -8,7 +8,7 @@ import re
 import sqlite3
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from hub import dashboard
@@ -157,6 +157,8 @@ def test_no_result_line_makes_a_row_the_page_cannot_hold(line):
 
 @settings(max_examples=40, deadline=None)
 @given(st.lists(LINES, min_size=1, max_size=8), st.text(max_size=300))
+@example(["commit:a1b2c3d platform:H100 val_bpb:1.7e308 vram_gb:1 | kept, huge"], "")   # P7 of issue 20
+@example(["commit:a1b2c3d platform:H100 val_bpb:5e-324 vram_gb:1 | kept, tiny"], "[" * 300)
 def test_no_result_line_or_post_breaks_the_page_or_a_chart(lines, discussion):
     conn = sqlite3.connect(":memory:", isolation_level=None)
     conn.executescript(SCHEMA)
