@@ -24,10 +24,10 @@ an API key or its hash.
 A commit's value on a platform is the mean of its finished results there (hub.results.commit_values): the
 page shows that mean and the number of results behind it, and a chart draws one point per commit.
 
-Speed and isolation: the page and the charts are built on one worker thread of their own, never on a request's
-thread and never on the server's thread pool, so a slow build (thousands of runs, pathological markdown) cannot
-hold up the API; a request waits for the build without holding a thread, at most WAIT_S, then gets the page
-built before. The page is rebuilt only when the records change (a new post or commit); a chart only when its
+Speed and isolation: the page and the charts are built on one worker thread of their own, commit pages (`git
+show`) on GIT_WORKERS others, never on the thread pool the server's API shares: a request holds a thread of that
+pool only for an indexed query or two, and waits for the build without a thread, at most WAIT_S, then gets the
+page built before. So a slow build (thousands of runs, pathological markdown) cannot hold up the API. The page is rebuilt only when the records change (a new post or commit); a chart only when its
 platform has new results, and at most every CHART_REDRAW_S seconds. Markdown is rendered for the first
 MARKDOWN_MAX_CHARS characters of a post (the rest is shown as plain text), once per post. bench/hub_page.py
 measures the page.

@@ -149,6 +149,26 @@ def test_commit_page_shows_the_escaped_diff_against_the_parent(hub):
         assert c.get(f"/commit/{bad}").status_code == 400
 
 
+def test_commit_page_shows_the_mean_per_platform_and_cuts_a_long_diff(tmp_path, monkeypatch):
+    d = tmp_path / "hub"
+    summary = hub_fill.fill(d, 20, n_agents=3, platforms=("H100",), seed=4)
+    root = summary["commits"][0]   # the baseline: run by each of the 3 agents
+    conn = sqlite3.connect(d / "hub.sqlite3")
+    dashboard.init_db(conn)
+    vals = [float(line.split("val_bpb:")[1].split()[0]) for line in summary["lines"] if line.startswith(f"commit:{root[:7]}")]
+    conn.close()
+    assert len(vals) == 3
+    mean = sum(vals) / 3
+    sd = (sum((v - mean) ** 2 for v in vals) / 2) ** 0.5
+    monkeypatch.setattr(dashboard, "DIFF_MAX_BYTES", 300)
+    dashboard.git_show.cache_clear()
+    html = client(d).get(f"/commit/{root}").text
+    assert f"H100: <b>{mean:.6f}</b> <span class=\"muted\">(mean of 3, sd {sd:.6f})</span>" in html
+    diff = html[html.index('<pre class="diff">'):]
+    assert "[cut at 300 bytes]" in diff and len(diff) < 2000
+    dashboard.git_show.cache_clear()
+
+
 def test_loopback_needs_no_token(hub):
     d, _ = hub
     assert client(d, loopback=True, read_token="s3cret").get("/").status_code == 200
