@@ -204,7 +204,6 @@ def _text(data):
 def _connect(db_path):
     conn = sqlite3.connect(db_path, timeout=10, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA query_only = 1")
-    conn.text_factory = _text   # the default raises on invalid UTF-8, and the page would be a 500
     return conn
 
 
@@ -225,38 +224,38 @@ def platform_runs(conn, platform=None):
 
     A commit is one point per platform: its value is the mean of its finished results there (keep or
     discard, hub.results.commit_values), its status that of its latest finished result (a confirmation run
-    can turn a keep into a discard), its x the experiment number of its first result, its agent and
-    description those of its first result. Then analysis.ipynb's semantics per platform, on the points: the
-    baseline is the first point, the kept line is the baseline then every kept point after it, with its
-    running best; a kept point that lowers the running best is a record ("a kept improvement"); the best is
-    the last record.
+    can turn a keep into a discard), its x the experiment number of its first result (crashes count as
+    experiments: they are counted, not drawn), its agent and description those of its first result. Then
+    analysis.ipynb's semantics per platform, on the points: the baseline is the first point, the kept line is
+    the baseline then every kept point after it, with its running best; a kept point that lowers the running
+    best is a record ("a kept improvement"); the best is the last record.
 
-    Each summary: rows (every parsed row in posting order, each with x: crashes are counted, not drawn),
-    points (dicts: id of the first row, x, key, commit, agent, description, status, val_bpb = the mean, n, sd;
-    kept ones also record, gain, running_best), kept, baseline, best (points or None), n_runs (rows),
-    n_kept (points), n_crash, version (last row id).
+    Each summary: points (dicts: id of the first row, x, key, commit, agent, description, status, val_bpb = the
+    mean, n, sd; kept ones also record, gain, running_best), kept, baseline, best (points or None), n_runs
+    (rows), n_kept (points), n_crash, version (last row id).
     """
     runs = {}
     where, args = ("platform = ?", (platform,)) if platform is not None else ("platform IS NOT NULL", ())
     for rid, agent, commit, plat, val, status, desc in conn.execute(
             f"""SELECT id, agent_id, commit_hash, platform, val_bpb, status, description FROM results
                 WHERE {where} AND status != 'unparsed' ORDER BY platform, id""", args):
-        runs.setdefault(plat, []).append(
-            dict(id=rid, agent=agent, commit=commit, val_bpb=val, status=status, description=desc))
-    summary = {}
-    for plat, rows in runs.items():
-        points = {}
-        for x, r in enumerate(rows):
-            r["x"] = x
-            if r["status"] in ("keep", "discard"):
-                key = r["commit"][:KEY_CHARS]
-                if key not in points:
-                    points[key] = dict(id=r["id"], x=x, key=key, commit=r["commit"], agent=r["agent"],
-                                       description=r["description"])
-                points[key]["status"] = r["status"]   # the latest decision about the commit
-        for key, v in commit_values((r["commit"], r["val_bpb"]) for r in rows).items():
-            points[key].update(val_bpb=v.mean, n=v.n, sd=v.sd)
-        points = sorted(points.values(), key=lambda p: p["id"])
+        s = runs.get(plat) or runs.setdefault(plat, dict(points={}, finished=[], n_runs=0, n_crash=0))
+        x, s["n_runs"], s["version"] = s["n_runs"], s["n_runs"] + 1, rid
+        if status == "crash":
+            s["n_crash"] += 1
+            continue
+        key = commit[:KEY_CHARS]
+        point = s["points"].get(key)
+        if point is None:
+            point = s["points"][key] = dict(id=rid, x=x, key=key, commit=commit, agent=agent, description=desc)
+        point["status"] = status   # the latest decision about the commit
+        s["finished"].append((commit, val))
+    for s in runs.values():
+        points = list(s["points"].values())   # in order of each commit's first finished result
+        values = commit_values(s.pop("finished"))
+        for point in points:
+            v = values[point["key"]]
+            point.update(val_bpb=v.mean, n=v.n, sd=v.sd)
         base = points[0] if points else None
         kept = [base] + [p for p in points[1:] if p["status"] == "keep"] if base else []
         best, running = None, math.inf
@@ -267,10 +266,8 @@ def platform_runs(conn, platform=None):
             p["running_best"] = running
             if p["record"]:
                 best = p
-        summary[plat] = dict(rows=rows, points=points, kept=kept, baseline=base, best=best, n_runs=len(rows),
-                             n_kept=len(kept), n_crash=sum(r["status"] == "crash" for r in rows),
-                             version=rows[-1]["id"])
-    return summary
+        s.update(points=points, kept=kept, baseline=base, best=best, n_kept=len(kept))
+    return runs
 
 
 def commit_record(conn, full):
@@ -340,7 +337,7 @@ def draw_chart(platform, s):
     most. Crashes are counted in the legend, not drawn. The y-axis spans the kept line, so a discarded commit far
     worse than the baseline falls off the top (the legend says how many).
     """
-    kept, rows = s["kept"], s["rows"]
+    kept, n_runs = s["kept"], s["n_runs"]
     fig = Figure(figsize=(10, 4.6), dpi=72)
     ax = fig.add_subplot()
     fig.subplots_adjust(left=0.08, right=0.985, bottom=0.11, top=0.92)
@@ -348,7 +345,7 @@ def draw_chart(platform, s):
     ax.set_ylabel("val_bpb (lower is better)")
     ax.grid(True, alpha=0.25)
     if not kept:
-        ax.set_title(f"{platform}: {len(rows)} runs, none finished yet")
+        ax.set_title(f"{platform}: {n_runs} runs, none finished yet")
         ax.text(0.5, 0.5, "no finished run yet", transform=ax.transAxes, ha="center", parse_math=False)
     else:
         kept_ids = {id(r) for r in kept}
@@ -356,7 +353,7 @@ def draw_chart(platform, s):
         base, best = kept[0]["val_bpb"], s["best"]["val_bpb"]
         top = max(r["val_bpb"] for r in kept)
         span = top - best if top > best else max(0.002, 0.002 * top)
-        x_end = rows[-1]["x"]
+        x_end = n_runs - 1
         dots = ax.scatter([r["x"] for r in others], [r["val_bpb"] for r in others], s=10, color="0.55",
                           alpha=0.45, linewidths=0, zorder=2)
         ax.scatter([r["x"] for r in kept], [r["val_bpb"] for r in kept], s=26, color="#2e9e44",
@@ -365,10 +362,10 @@ def draw_chart(platform, s):
                 where="post", color="#145a24", linewidth=1.4, alpha=0.8, label="Running best", zorder=3)
         if s["n_crash"]:
             ax.plot([], [], " ", label=f"Crashed ({s['n_crash']}, not shown)")
-        margin = 0.02 * max(len(rows), 10) + 0.5
+        margin = 0.02 * max(n_runs, 10) + 0.5
         ax.set_xlim(-margin, x_end + margin + 0.15 * x_end)  # room at the right for the newest labels
         ax.set_ylim(best - 0.06 * span, top + 0.25 * span)
-        ax.set_title(f"{platform}: {len(rows)} runs, {len(kept)} kept; val_bpb {base:.6f} -> {best:.6f} "
+        ax.set_title(f"{platform}: {n_runs} runs, {len(kept)} kept; val_bpb {base:.6f} -> {best:.6f} "
                      f"({(base - best) / base:.2%} lower)", fontsize=11)
         top = sorted((r for r in kept[1:] if r["record"]), key=lambda r: -r["gain"])[:LABELS_MAX - 1]
         records = [kept[0]] + sorted(top, key=lambda r: r["x"])
@@ -611,11 +608,12 @@ def render_index(conn, runs, version):
 
     # discussion
     out.append(f'<section id="discussion"><h2>Discussion (latest {LATEST_POSTS})</h2>')
-    posts = conn.execute("SELECT id, agent_id, content, created_at FROM posts WHERE channel = ? ORDER BY id DESC LIMIT ?",
-                         (DISCUSSION_CHANNEL, LATEST_POSTS)).fetchall()
+    # the content as bytes: SQLite gives back what was stored, and text that is not UTF-8 would be a 500
+    posts = conn.execute("""SELECT id, agent_id, CAST(content AS BLOB), created_at FROM posts WHERE channel = ?
+                            ORDER BY id DESC LIMIT ?""", (DISCUSSION_CHANNEL, LATEST_POSTS)).fetchall()
     for pid, agent, content, created in posts:
         out.append(f'<article class="post" id="post-{pid}"><div class="muted">{esc(agent)} · {_when(created)} UTC</div>'
-                   f"{render_post(content)}</article>")
+                   f"{render_post(_text(content))}</article>")
     if not posts:
         out.append(f'<p class="muted">No posts in <code>{DISCUSSION_CHANNEL}</code> yet.</p>')
     out.append("</section>")

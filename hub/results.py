@@ -120,5 +120,5 @@ def commit_values(results):
     for commit, val_bpb in results:
         if commit and val_bpb is not None:
             runs.setdefault(commit[:KEY_CHARS].lower(), []).append(val_bpb)
-    return {key: Value(statistics.fmean(v), len(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+    return {key: Value(statistics.fmean(v), len(v), statistics.stdev(v)) if len(v) > 1 else Value(v[0], 1, 0.0)
             for key, v in runs.items()}
