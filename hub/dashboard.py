@@ -738,6 +738,7 @@ def routes(state):
     gitter = ThreadPoolExecutor(max_workers=GIT_WORKERS, thread_name_prefix="hub-git")
     built = OrderedDict()   # "index" or ("chart", platform) -> (version, body, time.monotonic() when built)
     jobs = {}               # the same keys -> the Future of the build queued or running for it
+    summaries = {}          # platform -> its platform_runs summary (builder thread only; kept while its rows last)
     local = threading.local()
 
     def reader():
@@ -780,11 +781,22 @@ def routes(state):
         for k in charts[:max(0, len(charts) - CHARTS_CACHED)]:   # the least recently drawn go first
             del built[k]
 
+    def current_runs(conn, platforms=None):
+        """platform_runs(conn) (or of `platforms`), computed again only for the platforms with new rows since: a
+        new result changes one platform, a post in another channel or a push none."""
+        latest = dict(conn.execute("SELECT platform, MAX(id) FROM results WHERE platform IS NOT NULL GROUP BY platform"))
+        for p in set(summaries) - set(latest):   # only after a re-parse
+            del summaries[p]
+        for p in latest if platforms is None else set(platforms) & set(latest):
+            if p not in summaries or summaries[p]["version"] != latest[p]:
+                summaries[p] = platform_runs(conn, p)[p]
+        return {p: summaries[p] for p in (latest if platforms is None else platforms) if p in summaries}
+
     def build_index():
         conn = reader()
         version = records_version(conn)
         try:
-            body = render_index(conn, platform_runs(conn), version).encode(errors="replace")
+            body = render_index(conn, current_runs(conn), version).encode(errors="replace")
         except Exception:   # a bug: said once per version in the log; the page built before stays
             log.exception("dashboard: the page could not be built")
             old = built.get("index")
@@ -794,7 +806,7 @@ def routes(state):
 
     def build_chart(platform):
         conn = reader()
-        s = platform_runs(conn, platform).get(platform)
+        s = current_runs(conn, [platform]).get(platform)
         if s is None:
             return
         try:

@@ -129,6 +129,34 @@ def test_chart_is_svg_cached_and_redrawn_only_when_results_change(hub, tmp_path,
     assert client(d0).get("/chart/..%2F..%2Fetc.svg").status_code == 404
 
 
+def test_page_follows_each_platform_after_the_other_changed(tmp_path):
+    # the page keeps each platform's summary until that platform has new rows: a change must reach only its own
+    d = tmp_path / "hub"
+    hub_fill.fill(d, 40, n_agents=2, platforms=("H100", "CPU"), seed=2)
+    conn = sqlite3.connect(d / "hub.sqlite3")
+    dashboard.init_db(conn)
+    c = client(d)
+
+    def best_row(platform):
+        html = c.get("/").text
+        row = html[html.index(f"<b>{platform}</b>"):]
+        return row[:row.index("</tr>")]
+
+    before = {p: best_row(p) for p in ("H100", "CPU")}
+    for k, (platform, val) in enumerate([("CPU", 0.5), ("discussion", None), ("H100", 0.25), ("CPU", 0.4)]):
+        line = "hello" if val is None else f"commit:{k + 1:07x} platform:{platform} val_bpb:{val} vram_gb:1 | record {k}"
+        channel = "discussion" if val is None else "results"
+        cur = conn.execute("INSERT INTO posts(channel, agent_id, content, created_at) VALUES (?, 'agent-0', ?, 1)",
+                           (channel, line))
+        dashboard.on_post(conn, dict(id=cur.lastrowid, channel=channel, agent_id="agent-0", content=line, created_at=1))
+        conn.commit()
+        if k == 0:
+            assert "0.500000" in best_row("CPU") and best_row("H100") == before["H100"]
+    conn.close()
+    assert "<b>0.250000</b>" in best_row("H100") and "record 2" in best_row("H100")
+    assert "<b>0.400000</b>" in best_row("CPU") and "record 3" in best_row("CPU")
+
+
 def test_commit_page_shows_the_escaped_diff_against_the_parent(hub):
     d, summary = hub
     c = client(d)
