@@ -103,8 +103,8 @@ Every number is an entry of LIMITS (default in brackets), changed with --limit N
 """
 
 import argparse
-import contextlib
 import collections
+import contextlib
 import functools
 import hashlib
 import hmac
@@ -966,7 +966,7 @@ def serve(app, host, port, limits, trust_proxy=False):
     uvicorn.Server(config).run()
 
 
-def read_token(parser, args, kind):
+def token_from(parser, args, kind):
     """The invite or read token: from --<kind>-token, --<kind>-token-file or $AGENTHUB_<KIND>_TOKEN; None."""
     given, path = getattr(args, f"{kind}_token"), getattr(args, f"{kind}_token_file")
     if path is not None:
@@ -996,7 +996,7 @@ def main():
     parser.add_argument("--limit", action="append", default=[], metavar="NAME=VALUE",
                         help=f"override a limit, one of: {', '.join(LIMITS)}")
     args = parser.parse_args()
-    invite_token, read_token_ = read_token(parser, args, "invite"), read_token(parser, args, "read")
+    invite_token, read_token = token_from(parser, args, "invite"), token_from(parser, args, "read")
     if not is_loopback(args.host) and not invite_token:
         parser.error(f"--host {args.host} is not a loopback address: give --invite-token-file (or "
                      f"${TOKEN_ENV['invite']}), or anyone could register")
@@ -1011,7 +1011,7 @@ def main():
             parser.error(f"--limit {name}: {value!r} is not a number")
         if not limits[name] > 0:
             parser.error(f"--limit {name}: must be above 0")
-    app = create_app(args.data, host=args.host, invite_token=invite_token, read_token=read_token_, limits=limits)
+    app = create_app(args.data, host=args.host, invite_token=invite_token, read_token=read_token, limits=limits)
     print(f"hub: serving {os.path.abspath(args.data)} on http://{args.host}:{args.port}", flush=True)
     serve(app, args.host, args.port, limits, trust_proxy=args.trust_proxy)
 

@@ -72,13 +72,17 @@ def pack_bundle(repo, head, extra=()):
     return f"# v2 git bundle\n{head} refs/heads/agenthub\n\n".encode() + pack
 
 
-def fake_git(directory, command):
+def fake_git(directory, command, child=False):
     """A `git` in directory that, for `git ... <command> ...`, writes its pid to directory/pid and sleeps a
-    minute; any other command runs the real git. Put directory first on PATH."""
+    minute (with child: first starts a child of its own that holds stdout too, as `git bundle create` runs
+    `git pack-objects`, and that creates directory/child.done if it lives 20 s); any other command runs the
+    real git.
+    Put directory first on PATH. Returns the path of the pid file."""
     real = subprocess.run(["sh", "-c", "command -v git"], capture_output=True, text=True, check=True).stdout.strip()
+    spawn = f'(sleep 20; touch "{directory}/child.done") & ' if child else ""
     path = os.path.join(directory, "git")
     with open(path, "w") as f:
-        f.write(f'#!/bin/sh\nfor a in "$@"; do if [ "$a" = {command} ]; then echo $$ > "{directory}/pid"; '
+        f.write(f'#!/bin/sh\nfor a in "$@"; do if [ "$a" = {command} ]; then {spawn}echo $$ > "{directory}/pid"; '
                 f'exec sleep 60; fi; done\nexec {real} "$@"\n')
     os.chmod(path, 0o755)
     return os.path.join(directory, "pid")

@@ -726,11 +726,12 @@ def test_git_is_killed_after_its_time_limit(make_hub, tmp_path, monkeypatch):
     root = baseline_repo(repo)
     push(hub, auth, bundle(repo))
     (tmp_path / "bin").mkdir()
-    pid_file = fake_git(tmp_path / "bin", "diff")
+    pid_file = fake_git(tmp_path / "bin", "diff", child=True)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
     answer = hub.get(f"/api/git/diff/{root}/{root}", headers=auth)
     assert answer.status_code == 503 and "longer than 1 s" in answer.json()["error"]
     assert not alive(int(open(pid_file).read()))
+    assert not (tmp_path / "bin" / "child.done").exists()  # git's own child was killed too (it held the pipe)
 
 
 def test_bundle_cache_is_bounded_in_bytes(make_hub, tmp_path):
