@@ -271,6 +271,21 @@ def test_server_parses_each_post_once_in_its_transaction(tmp_path):
     conn.close()
 
 
+def test_page_and_api_best_agree_on_a_swarm(tmp_path):
+    # the page's best per platform and GET /api/best name the same commit, value and n (both: the mean of its runs)
+    d = tmp_path / "hub"
+    hub_fill.fill(d, 200, n_agents=6, platforms=("H100", "A100"), seed=6)
+    c = TestClient(server_app(d), follow_redirects=False)
+    key = c.post("/api/register", json={"id": "reader"}).json()["api_key"]
+    html = c.get("/").text
+    for platform in ("H100", "A100"):
+        api = c.get(f"/api/best?platform={platform}", headers={"Authorization": f"Bearer {key}"}).json()
+        row = html[html.index(f"<b>{platform}</b>"):]
+        row = row[:row.index("</tr>")]
+        assert f'<b>{api["val_bpb"]:.6f}</b></td><td class="num">{api["n"]}</td>' in row
+        assert f'href="/commit/{api["hash"]}"' in row
+
+
 def test_server_on_another_address(tmp_path, caplog):
     app = server_app(tmp_path / "a", host="0.0.0.0", invite_token="inv")
     assert TestClient(app).get("/").status_code == 404          # no read token: no dashboard at all
