@@ -43,8 +43,6 @@ import logging
 import math
 import re
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
 from base64 import b64encode
@@ -62,7 +60,7 @@ from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
 from hub.results import KEY_CHARS, commit_values, parse_post
-from hub.store import LEAVES_WHERE, commits_with_prefix
+from hub.store import LEAVES_WHERE, HubError, commits_with_prefix, git
 
 log = logging.getLogger("hub.dashboard")
 
@@ -80,7 +78,7 @@ LATEST_UNPARSED = 20       # unparsed result lines shown
 LEAVES_SHOWN = 30          # newest leaves of the commit tree
 LINEAGE_MAX = 5000         # commits walked back from a best commit (the graph is a tree, this bounds a cycle)
 LINEAGE_SHOWN = 12         # of a long lineage the page lists the newest ones and the root; each commit page links on
-DIFF_MAX_BYTES = 1 << 20   # a `git show` longer than this is cut (train.py diffs are a few KB)
+DIFF_MAX_BYTES = 1 << 20   # a longer `git show` is not shown (train.py diffs are a few KB)
 GIT_TIMEOUT_S = 10
 GIT_WORKERS = 2            # `git show`s at once, for the commit pages (never on the server's thread pool)
 WAIT_S = 20                # a request waits at most this long for a page or chart built from the newest records,
@@ -632,31 +630,14 @@ def render_index(conn, runs, version):
 
 @functools.lru_cache(maxsize=64)
 def git_show(repo_path, full):
-    """`git show` of a commit as text, cut at DIFF_MAX_BYTES (git is stopped there: its output is never held
-    whole) and at GIT_TIMEOUT_S seconds. A commit never changes, so neither does its diff: cached. Raises
-    RuntimeError when git fails (not cached: it may be passing)."""
-    cmd = ["git", "--git-dir", str(repo_path), "-c", "core.quotepath=off", "show", "--no-color", "--no-ext-diff",
-           "--no-textconv", "--stat", "--patch", "--format=fuller", full, "--"]
-    with tempfile.TemporaryFile() as err:
-        try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL)
-        except OSError as e:
-            raise RuntimeError(str(e)) from None
-        timer = threading.Timer(GIT_TIMEOUT_S, proc.kill)
-        timer.start()
-        try:
-            out = proc.stdout.read(DIFF_MAX_BYTES + 1)
-        finally:
-            timer.cancel()
-            proc.kill()   # done reading: a longer output is not wanted
-            proc.stdout.close()
-            code = proc.wait()
-        err.seek(0)
-        message = err.read(2000).decode("utf-8", errors="replace")
-    if len(out) > DIFF_MAX_BYTES:
-        return out[:DIFF_MAX_BYTES].decode("utf-8", errors="replace") + f"\n[cut at {DIFF_MAX_BYTES} bytes]"
-    if code:
-        raise RuntimeError(message or f"git show ended with {code} (more than {GIT_TIMEOUT_S} s?)")
+    """`git show` of a commit as text, through hub.store.git: killed after GIT_TIMEOUT_S or once its output
+    passes DIFF_MAX_BYTES, its heap capped, and dying with the hub. A commit never changes, so neither does its
+    diff: cached. Raises RuntimeError with the reason when git fails or passes a bound (not cached)."""
+    try:
+        out = git(str(repo_path), "show", "--no-color", "--no-ext-diff", "--no-textconv",
+                  "--stat", "--patch", "--format=fuller", full, "--", timeout=GIT_TIMEOUT_S, max_output=DIFF_MAX_BYTES)
+    except HubError as e:
+        raise RuntimeError(e.message) from None
     return out.decode("utf-8", errors="replace")
 
 

@@ -113,8 +113,7 @@ def commit_values(results):
     in the order of each commit's first finished result, key = the hash's first KEY_CHARS digits, lower-case;
     Value(mean, n, sd) with sd the sample standard deviation (0.0 when n == 1), all val_bpb units.
 
-    The hub's page (hub/dashboard.py) and its "best on a platform" answer (hub/server.py) both use it, so an
-    agent and a person compare against the same number.
+    The hub's page uses it (hub/dashboard.py) for every value it shows of a commit.
     """
     runs = {}
     for commit, val_bpb in results:
