@@ -108,24 +108,45 @@ def get_peak_flops():
     return flops
 
 
+PLATFORM_SLUG_MAX = 40
+PLATFORM_NOISE = re.compile(r"\((r|tm|c)\)|\b(nvidia|geforce|tesla|cpu|processor|\d+-core)\b|@.*$", re.IGNORECASE)
+
+
+def platform_slug(device_type, name, cores=None):
+    """The canonical tag of a device, for the `platform:` line and the hub: lowercase [a-z0-9.-], at most
+    PLATFORM_SLUG_MAX characters, the same on every machine of one kind.
+
+    device_type: "cuda", "mps" or "cpu"; name: the GPU's name (torch.cuda.get_device_name()), the chip's
+    (Apple), or the CPU's model name; cores: the CPU cores this process may use (CPU only). Words that tell no
+    two devices apart are dropped (NVIDIA, GeForce, Tesla, (R), (TM), CPU, Processor, N-Core, "@ <clock>"); a
+    name too long loses whole words from its end. Examples: "NVIDIA H100 80GB HBM3" -> "h100-80gb-hbm3",
+    "Apple M2 Max" on MPS -> "apple-m2-max", "AMD EPYC" on CPU with 2 cores -> "cpu-amd-epyc-2c".
+    """
+    slug = re.sub(r"[^a-z0-9.]+", "-", PLATFORM_NOISE.sub(" ", name).lower()).strip("-.")
+    prefix, suffix = ("cpu-", f"-{cores}c") if device_type == "cpu" else ("", "")
+    room = PLATFORM_SLUG_MAX - len(prefix) - len(suffix)
+    if len(slug) > room:  # whole words from the end, or the first word cut if it alone is too long
+        slug = slug[:room + 1].rsplit("-", 1)[0] if "-" in slug[:room + 1] else slug[:room]
+    return prefix + (slug.strip("-.") or ("unknown" if prefix else device_type)) + suffix
+
+
 def platform_name():
-    """One line naming the hardware, for the `platform:` line: the GPU's name on CUDA, else the device type
-    and the CPU model, e.g. "cpu (Intel Xeon, 2 cores)"."""
+    """This device's platform_slug: the GPU's name on CUDA, the chip's on MPS, else the CPU model and the
+    number of cores this process may use."""
     if ON_CUDA:
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
+        return platform_slug("cuda", torch.cuda.get_device_name())
+    name = platform.processor() or platform.machine()
     try:
         if sys.platform == "linux":
             with open("/proc/cpuinfo") as f:
-                cpu = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
+                name = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
         elif sys.platform == "darwin":
             import subprocess
-            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout
     except (OSError, StopIteration):
         pass
-    for noise in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
-        cpu = cpu.replace(noise, "")
-    return f"{DEVICE_TYPE} ({' '.join(cpu.split('@')[0].split()) or 'unknown CPU'}, {os.cpu_count()} cores)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return platform_slug(DEVICE_TYPE, name, cores)
 
 
 # ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -339,7 +340,33 @@ def test_peak_flops_table_is_ordered_specific_first():
         assert hardware.peak_flops_for(key, torch.float16) == fp16, key
 
 
-def test_platform_line_names_the_cpu():
+@pytest.mark.parametrize("device_type, name, cores, slug", [
+    ("cuda", "NVIDIA H100 80GB HBM3", None, "h100-80gb-hbm3"),
+    ("cuda", "NVIDIA H100 PCIe", None, "h100-pcie"),
+    ("cuda", "NVIDIA A100-SXM4-80GB", None, "a100-sxm4-80gb"),
+    ("cuda", "Tesla T4", None, "t4"),
+    ("cuda", "Tesla V100-SXM2-16GB", None, "v100-sxm2-16gb"),
+    ("cuda", "NVIDIA GeForce RTX 4090", None, "rtx-4090"),
+    ("cuda", "NVIDIA RTX 6000 Ada Generation", None, "rtx-6000-ada-generation"),
+    ("cuda", "AMD Instinct MI300X", None, "amd-instinct-mi300x"),
+    ("mps", "Apple M2 Max", None, "apple-m2-max"),
+    ("cpu", "AMD EPYC", 2, "cpu-amd-epyc-2c"),
+    ("cpu", "AMD EPYC 7B13 64-Core Processor", 64, "cpu-amd-epyc-7b13-64c"),
+    ("cpu", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", 8, "cpu-intel-xeon-platinum-8375c-8c"),
+    ("cpu", "13th Gen Intel(R) Core(TM) i7-13700K", 24, "cpu-13th-gen-intel-core-i7-13700k-24c"),
+    ("cpu", "Apple M3 Pro", 12, "cpu-apple-m3-pro-12c"),
+    ("cpu", "  Intel(R) Core(TM) i5-8250U CPU @ 1.60GHz\n", 4, "cpu-intel-core-i5-8250u-4c"),
+    ("cpu", "", 4, "cpu-unknown-4c"),
+    # too long: whole words go from the end; one word too long is cut
+    ("cpu", "Neoverse-V1 with a very long model name that goes on and on", 64, "cpu-neoverse-v1-with-a-very-long-64c"),
+    ("cuda", "X" * 50, None, "x" * 40),
+])
+def test_platform_slug(device_type, name, cores, slug):
+    assert hardware.platform_slug(device_type, name, cores) == slug
+    assert re.fullmatch(r"[a-z0-9.-]{1,40}", slug)
+
+
+def test_platform_line_on_this_cpu():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     name = hardware.platform_name()
-    assert name.startswith("cpu (") and name.endswith(f", {os.cpu_count()} cores)")
-    assert "(R)" not in name and "\n" not in name and len(name) < 100
+    assert name.startswith("cpu-") and name.endswith(f"-{cores}c") and re.fullmatch(r"[a-z0-9.-]{1,40}", name)
