@@ -1,7 +1,7 @@
 """Dataloader throughput: our best-fit packer against the naive SPEC one.
 
     python bench/dataloader.py                                   # synthetic web-like corpus
-    python bench/dataloader.py --data /work/shared/corpora/shakespeare
+    python bench/dataloader.py --data /path/to/mirror                # a local mirror in the ClimbMix shard layout
 
 Builds a throwaway cache (the shards of --data, or a synthetic corpus with
 lognormal document lengths), trains the tokenizer on it, and for (B 32, T 256)

@@ -1,6 +1,6 @@
 """Shared test fixtures: a synthetic corpus in the ClimbMix shard layout and a trained tokenizer.
 
-Tests never touch the network or ../shared: they write their own small shards.
+Tests never touch the network or data outside their temporary folders: they write their own small shards.
 Every test runs on the CPU profile (AUTORESEARCH_DEVICE=cpu) so results do not
 depend on the machine.
 """

@@ -535,11 +535,11 @@ def test_restart_drops_refs_without_a_record_and_restores_missing_refs(make_hub,
     assert json.loads(hub2.get(f"/api/git/commits/{root}/children", headers=auth).text)[0]["hash"] == child
 
 
-def test_backup_commands_of_the_readme_restore_a_working_hub(tmp_path):
-    """The README's backup block, run as written against a hub in $HOME/agenthub; the copy restarts whole."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        readme = f.read()
-    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```", readme, re.MULTILINE | re.DOTALL) if "--mirror" in b]
+def test_backup_commands_of_the_docs_restore_a_working_hub(tmp_path):
+    """docs/hub.md's backup block, run as written against a hub in $HOME/agenthub; the copy restarts whole."""
+    with open(os.path.join(ROOT, "docs", "hub.md"), encoding="utf-8") as f:
+        doc = f.read()
+    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```", doc, re.MULTILINE | re.DOTALL) if "--mirror" in b]
     home = tmp_path / "home"
     hub = TestClient(server.create_app(str(home / "agenthub")))
     auth = register(hub)
