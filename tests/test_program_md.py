@@ -391,3 +391,14 @@ def test_says_results_compare_only_on_the_same_device_and_budget(program):
     text = " ".join(program.split())
     assert "Results compare only on the same device and the same time budget" in text
     assert "CPU" in text and "Apple" in text and "NEVER STOP" in text
+
+
+def test_setup_reading_is_at_most_75_kb(program):
+    """Issue 21: program.md plus what its reading list names (README.md, train.py, the prepare.py excerpt)."""
+    listed = program.split("**Read the in-scope files**", 1)[1].split("4. **Check the data.**", 1)[0]
+    named = set(re.findall(r"^\s+- `([\w.]+)`", listed, re.MULTILINE))
+    assert named == {"README.md", "train.py", "prepare.py"}
+    excerpt = bash(the_command(program, "Constants|Evaluation"), ROOT).stdout
+    sizes = {name: os.path.getsize(os.path.join(ROOT, name)) for name in ("README.md", "train.py")}
+    total = len(program.encode()) + sum(sizes.values()) + len(excerpt.encode())
+    assert total <= 75_000, (total, sizes)
