@@ -402,3 +402,14 @@ def test_setup_reading_is_at_most_75_kb(program):
     sizes = {name: os.path.getsize(os.path.join(ROOT, name)) for name in ("README.md", "train.py")}
     total = len(program.encode()) + sum(sizes.values()) + len(excerpt.encode())
     assert total <= 75_000, (total, sizes)
+
+
+def test_summary_end_command_shows_the_lines_after_device_and_the_exit_status(program, train_stdout, tmp_path):
+    command = the_command(program, "sed -n")
+    (tmp_path / "run.log").write_text(train_stdout + "exit status: 0\n")
+    out = bash(command, tmp_path).stdout.splitlines()
+    real = summary_block(train_stdout)
+    after = real[[line.split(":")[0] for line in real].index("device"):]
+    assert out == after + ["exit status: 0"]
+    (tmp_path / "run.log").write_text("Traceback (most recent call last):\nexit status: 1\n")
+    assert bash(command, tmp_path).stdout == ""  # a crash has no summary: tail -c 3000 reads it
