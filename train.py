@@ -9,14 +9,9 @@ tokenizer and the metric. On CUDA this is the reference run; CPU and MPS use a
 smaller profile (see "Hyperparameters").
 """
 
-import ctypes
 import gc
-import importlib.util
 import math
 import os
-import platform
-import re
-import resource
 import sys
 import time
 from dataclasses import dataclass
@@ -29,306 +24,18 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-from prepare import (DEVICE_REASON, DEVICE_TYPE, MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, check_val_split, evaluate_bpb,
-                     make_dataloader)
+from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, check_val_split, evaluate_bpb, make_dataloader
+# The hardware layer (fixed, like prepare.py): device, precision, the attention kernel, memory fit, MFU
+from hardware import (AMP_DTYPE, ATTENTION_BACKEND, ATTENTION_REASON, DEVICE_MEMORY, DEVICE_REASON, DEVICE_TYPE,
+                      ON_CUDA, PRECISION, fa3, fit_device_batch, get_peak_flops, peak_memory_mb, platform_name,
+                      synchronize)
 
-# ---------------------------------------------------------------------------
-# Device and attention backend: the only place where CUDA, MPS and CPU differ
-# ---------------------------------------------------------------------------
-
-ON_CUDA = DEVICE_TYPE == "cuda"  # NVIDIA, or AMD under ROCm (torch calls both "cuda")
-IS_ROCM = ON_CUDA and torch.version.hip is not None
-CAPABILITY = torch.cuda.get_device_capability() if ON_CUDA else None  # (major, minor), e.g. (9, 0) on H100
-
-
-def select_amp_dtype(capability):
-    """The autocast dtype for a GPU of this compute capability (None: not CUDA).
-
-    bf16 from Ampere (8.0) on, as the reference. Older GPUs (T4, V100, RTX 20xx) have no bf16 tensor cores
-    and emulate it slowly: fp16 with dynamic loss scaling there. float32 (no autocast) on CPU and MPS: CPUs
-    without bf16 units run bf16 matmuls ~100x slower than float32.
-    """
-    if capability is None:
-        return torch.float32
-    return torch.bfloat16 if capability >= (8, 0) else torch.float16
-
-
-AMP_DTYPE = select_amp_dtype(CAPABILITY)  # autocast and the rotary tables
 # Embedding storage and Muon's orthogonalisation: bf16 like the reference where autocast is bf16. fp16 runs keep
 # the embeddings in float32 (the loss scaler unscales only float32 gradients) and orthogonalise in float32 too:
 # ~3e11 FLOPs a step for the reference model, about 2% of a T4 step even at its peak FLOP/s.
 COMPUTE_DTYPE = torch.bfloat16 if AMP_DTYPE == torch.bfloat16 else torch.float32
-USE_COMPILE = ON_CUDA  # on CPU, compiling costs more of the 5 minutes than it saves (see README)
-
-if DEVICE_TYPE == "cpu" and sys.platform == "linux":
-    # glibc gives every freed block over 32 MB (one step's logits are 134 MB) back to the kernel, so each step
-    # page-faults its activations in again: 40% of the CPU time went to the kernel. Keep them in the heap.
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)  # M_MMAP_MAX: large blocks from the heap, not mmap
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: never shrink the heap
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
-def platform_name():
-    """One line naming the hardware, for the `platform:` line: the GPU's name on CUDA, else the device type
-    and the CPU model, e.g. "cpu (Intel Xeon, 2 cores)"."""
-    if ON_CUDA:
-        return torch.cuda.get_device_name()
-    cpu = platform.processor() or platform.machine()
-    try:
-        if sys.platform == "linux":
-            with open("/proc/cpuinfo") as f:
-                cpu = next(line.split(":", 1)[1] for line in f if line.startswith("model name"))
-        elif sys.platform == "darwin":
-            import subprocess
-            cpu = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout
-    except (OSError, StopIteration):
-        pass
-    for noise in ("(R)", "(TM)", "(tm)", " CPU", " Processor"):
-        cpu = cpu.replace(noise, "")
-    return f"{DEVICE_TYPE} ({' '.join(cpu.split('@')[0].split()) or 'unknown CPU'}, {os.cpu_count()} cores)"
-
-
-# Peak dense (not sparse) tensor FLOP/s for MFU, per autocast dtype: (name, bf16, fp16), None where the GPU
-# has no tensor cores for that dtype. Matched as a whole word, ignoring case, in torch.cuda.get_device_name(),
-# first match wins, so the more specific names come first. Sources: NVIDIA's datasheets and architecture
-# whitepapers (half the "with sparsity" figures; GeForce cards at the FP32-accumulate rate that PyTorch's
-# matmuls use) and AMD's Instinct datasheets. torch sees each of an MI250X/MI250's two dies as one device,
-# so those rows are per die (half the card's figure).
-PEAK_FLOPS = [
-    # NVIDIA data centre: Blackwell, Hopper, Ada, Ampere, Volta, Turing
-    ("GB200", 2500e12, 2500e12), ("B200", 2250e12, 2250e12), ("B100", 1750e12, 1750e12),
-    ("GH200", 989.5e12, 989.5e12), ("H200 NVL", 835.5e12, 835.5e12), ("H200", 989.5e12, 989.5e12),
-    ("H100 NVL", 835.5e12, 835.5e12), ("H100 PCIe", 756.5e12, 756.5e12), ("H100", 989.5e12, 989.5e12),
-    ("L40S", 362.05e12, 362.05e12), ("L40", 181.05e12, 181.05e12), ("L4", 121e12, 121e12),
-    ("A100", 312e12, 312e12), ("A10G", 70e12, 70e12),  # A10G (AWS only): no NVIDIA datasheet; the usual figure
-    ("A10", 125e12, 125e12),
-    ("V100S", None, 130e12), ("V100-PCIE", None, 112e12), ("V100", None, 125e12), ("T4", None, 65e12),
-    # NVIDIA workstation and GeForce
-    ("RTX 6000 Ada", 364.25e12, 364.25e12), ("A6000", 154.8e12, 154.8e12),
-    ("RTX 5090", 209.5e12, 209.5e12), ("RTX 5080", 112.6e12, 112.6e12),
-    ("RTX 4090 D", 147.1e12, 147.1e12), ("RTX 4090", 165.2e12, 165.2e12), ("RTX 4080", 97.5e12, 97.5e12),
-    ("RTX 3090 Ti", 80e12, 80e12), ("RTX 3090", 71e12, 71e12), ("RTX 3080", 59.5e12, 59.5e12),
-    # AMD Instinct
-    ("MI325X", 1307.4e12, 1307.4e12), ("MI300X", 1307.4e12, 1307.4e12),
-    ("MI250X", 191.5e12, 191.5e12), ("MI250", 181.05e12, 181.05e12), ("MI210", 181.0e12, 181.0e12),
-]
-
-
-def peak_flops_for(name, dtype):
-    """Peak dense FLOP/s of the GPU called `name` (torch.cuda.get_device_name()) computing in `dtype`
-    (torch.bfloat16 or torch.float16); 0.0 if the GPU is not in PEAK_FLOPS or has no tensor cores for dtype."""
-    column = {torch.bfloat16: 1, torch.float16: 2}.get(dtype)
-    row = next((row for row in PEAK_FLOPS if re.search(rf"\b{re.escape(row[0])}\b", name, re.IGNORECASE)), None)
-    return (row[column] or 0.0) if row and column else 0.0
-
-
-def get_peak_flops():
-    """Peak FLOP/s of this device in AMP_DTYPE for MFU; 0 (no MFU) on CPU, MPS and unknown GPUs."""
-    if not ON_CUDA:
-        return 0.0
-    name = torch.cuda.get_device_name()
-    flops = peak_flops_for(name, AMP_DTYPE)
-    if not flops:
-        print(f"Unknown GPU {name!r}: MFU is reported as 0 (add its peak FLOP/s to PEAK_FLOPS)")
-    return flops
-
-
-def synchronize():
-    if ON_CUDA:
-        torch.cuda.synchronize()
-    elif DEVICE_TYPE == "mps":
-        torch.mps.synchronize()
-
-
-def peak_memory_mb():
-    """Peak memory in MiB: the CUDA allocator's peak; on MPS the driver's current allocation; on CPU peak RSS."""
-    if ON_CUDA:
-        return torch.cuda.max_memory_allocated() / 1024 / 1024
-    if DEVICE_TYPE == "mps":
-        return torch.mps.driver_allocated_memory() / 1024 / 1024
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / 1024 / (1024 if sys.platform == "darwin" else 1)
-
-
-# Attention by compute capability. The kernel hub's FA3 builds are CUDA-only; the reference loads them with
-# `kernels` 0.12.1 (pinned in pyproject.toml: later versions refuse get_kernel(repo) without a version).
-FA3_HOPPER_REPO = "varunneal/flash-attention-3"  # the reference's build for compute capability 9.0
-FA3_COMMUNITY_REPO = "kernels-community/flash-attn3"  # the reference's build for every other GPU
-
-
-def fa3_repo(capability, is_rocm):
-    """The kernel-hub repo of the FA3 build for a GPU of this compute capability, or None where none runs:
-    Hopper (9.0) the Hopper build, Ampere and Ada (8.x) the community build; Blackwell (10.x, 12.x), pre-Ampere
-    (< 8.0), AMD GPUs under ROCm and non-CUDA devices (capability None) none."""
-    if is_rocm or capability is None:
-        return None
-    if capability == (9, 0):
-        return FA3_HOPPER_REPO
-    return FA3_COMMUNITY_REPO if capability[0] == 8 else None
-
-
-def load_fa3(capability, is_rocm):
-    """Flash Attention 3 from the Hugging Face kernel hub, as the reference loads it (downloads on first use).
-
-    Returns (module, reason): module has flash_attn_func, or is None when there is no build for this GPU or
-    it could not be loaded (no `kernels` package, no network, no build for this torch); reason says which.
-    """
-    repo = fa3_repo(capability, is_rocm)
-    if repo is None:
-        gpu = "ROCm" if is_rocm else f"compute capability {capability[0]}.{capability[1]}" if capability else DEVICE_TYPE
-        return None, f"no Flash Attention 3 build for {gpu}"
-    try:
-        from kernels import get_kernel
-        return get_kernel(repo).flash_attn_interface, f"Flash Attention 3 from {repo}"
-    except Exception as e:
-        return None, " ".join(f"no Flash Attention 3 from {repo} ({type(e).__name__}: {e})".split())
-
-
-FA3_CHECK_TOL = 2e-2  # bf16 keeps 8 significant bits (relative 2**-9); FA3 also rounds the softmax weights to bf16
-
-
-def fa3_check(fa3, device="cuda"):
-    """Run one small causal, sliding-window forward and backward through FA3 and compare it with SDPA in float32.
-
-    A build can load and still have no kernel for this GPU (it then raises at the first call) or compute
-    something else. Returns None if output and gradients agree within FA3_CHECK_TOL (relative error), else
-    the reason, on one line. Never raises.
-    """
-    try:
-        B, T, H, D, window = 2, 256, 2, 128, 64
-        gen = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.bfloat16, requires_grad=True)
-                   for _ in range(3))
-        dy = torch.randn(B, T, H, D, generator=gen, device=device, dtype=torch.bfloat16)
-        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-        grads = torch.autograd.grad(y, (q, k, v), dy)
-        dist = torch.arange(T, device=device)[:, None] - torch.arange(T, device=device)[None, :]
-        q32, k32, v32 = (t.detach().float().transpose(1, 2).requires_grad_() for t in (q, k, v))
-        y_ref = F.scaled_dot_product_attention(q32, k32, v32, attn_mask=(dist >= 0) & (dist <= window))
-        grads_ref = [g.transpose(1, 2) for g in torch.autograd.grad(y_ref, (q32, k32, v32), dy.float().transpose(1, 2))]
-        errors = [((a.float() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], [y_ref.transpose(1, 2), *grads_ref])]
-    except Exception as e:
-        return " ".join(f"fails at the first call ({type(e).__name__}: {e})".split())[:300]
-    if not max(errors) <= FA3_CHECK_TOL:  # also catches NaN
-        return f"differs from SDPA (relative errors of output, dq, dk, dv {', '.join(f'{e:.1e}' for e in errors)})"
-    return None
-
-
-def select_attention_backend(capability, is_rocm):
-    """Choose the attention backend once, at import, for a CUDA GPU of this compute capability (None: CPU, MPS).
-
-    AUTORESEARCH_ATTENTION=fa3|flex|sdpa forces one. Otherwise CUDA takes the first that runs of FA3 (where
-    fa3_repo has a build that loads and passes fa3_check), FlexAttention (Triton kernels: needs Triton and
-    compute capability 8.0+) and SDPA; CPU and MPS take SDPA. Returns (backend, reason, fa3 module or None).
-    Raises SystemExit if the forced backend is unknown or cannot run here.
-    """
-    forced = os.environ.get("AUTORESEARCH_ATTENTION", "").strip().lower()
-    if forced not in ("", "fa3", "flex", "sdpa"):
-        raise SystemExit(f"AUTORESEARCH_ATTENTION={forced!r}: expected fa3, flex or sdpa")
-    if forced == "fa3" and capability is None:
-        raise SystemExit(f"AUTORESEARCH_ATTENTION=fa3: Flash Attention 3 needs CUDA, this run is on {DEVICE_TYPE}")
-    has_triton = importlib.util.find_spec("triton") is not None
-    has_flex = capability is None or (capability >= (8, 0) and has_triton)
-    if forced == "flex" and not has_flex:
-        raise SystemExit("AUTORESEARCH_ATTENTION=flex: FlexAttention on CUDA needs Triton and compute capability 8.0+")
-    if forced in ("flex", "sdpa") or capability is None:
-        return forced or "sdpa", "forced by AUTORESEARCH_ATTENTION" if forced else f"default on {DEVICE_TYPE}", None
-    fa3, reason = load_fa3(capability, is_rocm)
-    if fa3 is not None:
-        failure = fa3_check(fa3)
-        if failure is None:
-            return "fa3", reason + ("; forced by AUTORESEARCH_ATTENTION" if forced else ""), fa3
-        reason = f"{reason} loads but {failure}"
-    if forced:
-        raise SystemExit(f"AUTORESEARCH_ATTENTION=fa3: {reason}")
-    if has_flex:
-        return "flex", f"{reason}; FlexAttention with a sliding-window block mask instead", None
-    why = "compute capability below 8.0" if has_triton else "no Triton"
-    return "sdpa", f"{reason}; no FlexAttention ({why}); SDPA with a boolean mask instead", None
-
-
-ATTENTION_BACKEND, ATTENTION_REASON, fa3 = select_attention_backend(CAPABILITY, IS_ROCM)
-# FlexAttention is fast only when compiled into one fused kernel. On CPU, torch 2.9 cannot compile its
-# backward, so CPU tensors run it eagerly: exact, but it materialises the (T, T) scores.
-compiled_flex = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else None
-_attention_masks = {}
-
-
-def attention_mask(T, window, device_type):
-    """The current backend's mask for sequence length T and this window, built once and cached.
-
-    Returns a FlexAttention BlockMask, an SDPA boolean (T, T) mask (True = attend), or None (plain causal).
-    Build the masks before compiling the model (build_attention_masks): torch.compile reads a cached one as a
-    constant, but cannot trace create_block_mask (a graph break per layer) and would trace the SDPA mask into
-    the graph and then recompile.
-    """
-    key = (ATTENTION_BACKEND, T, window, device_type)
-    if key not in _attention_masks:
-        if ATTENTION_BACKEND == "flex":
-            mask_mod = lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx) & (q_idx - kv_idx <= window)  # noqa: E731
-            _attention_masks[key] = create_block_mask(mask_mod, None, None, T, T, device=device_type)
-        elif window < T - 1:
-            dist = torch.arange(T, device=device_type)[:, None] - torch.arange(T, device=device_type)[None, :]
-            _attention_masks[key] = (dist >= 0) & (dist <= window)
-        else:  # the window covers the whole causal context
-            _attention_masks[key] = None
-    return _attention_masks[key]
-
-
-def build_attention_masks(T, windows, device_type):
-    """Build and cache the masks for sequence length T and each window (none needed for FA3)."""
-    if ATTENTION_BACKEND != "fa3":
-        for window in set(windows):
-            attention_mask(T, window, device_type)
-
-
-def attention(q, k, v, window):
-    """Causal attention where query i attends to keys j with i - window <= j <= i (FA3's window_size=(window, 0)).
-
-    q: (B, T, H, D); k, v: (B, T, H_kv, D) with H a multiple of H_kv; all of one dtype. Returns (B, T, H, D).
-    Every backend computes this same function (tests/test_attention.py).
-    """
-    if ATTENTION_BACKEND == "fa3":
-        return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
-    mask = attention_mask(q.size(1), window, q.device.type)
-    gqa = k.size(2) != q.size(2)
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
-    if ATTENTION_BACKEND == "flex":
-        y = (compiled_flex if q.is_cuda else flex_attention)(q, k, v, block_mask=mask, enable_gqa=gqa)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=gqa)
-    return y.transpose(1, 2)
-
-
-def fit_device_batch(batch_size, total_memory, config, num_params):
-    """Halve batch_size until the predicted peak memory of a training step fits in 90% of total_memory.
-
-    Decided before the first step (not by catching out-of-memory errors, which would come after compiling).
-    Predicted peak, in bytes: 16 per parameter (weights, gradients, two optimizer states) plus, per token,
-    what the compiled forward keeps for the backward: (48 * n_layer + 24) * n_embd + 8 * vocab_size. That
-    covers torch.compile's own partition of the step as bench/simulate_gpu.py measures it, in bf16 (41.2 *
-    n_layer * n_embd + 8 * vocab_size) and in fp16, whose float32 embeddings save more (~49 * n_layer * n_embd
-    at the reference), and is 54% above the reference's measured 45,060 MB at batch 128 on an H100, which
-    keeps 128 (bench/RESULTS.md).
-    total_memory: bytes, or None (not CUDA: keep batch_size). Returns batch_size // 2**k, at least 1, and
-    prints one line when that differs from batch_size (main() keeps TOTAL_BATCH_SIZE by gradient accumulation).
-    """
-    per_token = (48 * config.n_layer + 24) * config.n_embd + 8 * config.vocab_size
-    predict = lambda b: 16 * num_params + b * config.sequence_len * per_token  # noqa: E731
-    fitted = batch_size
-    while total_memory is not None and fitted > 1 and predict(fitted) > 0.9 * total_memory:
-        fitted //= 2
-    if fitted != batch_size:
-        print(f"DEVICE_BATCH_SIZE {batch_size} -> {fitted}: {batch_size} would need ~{predict(batch_size) / 2**30:.1f} GiB "
-              f"of this GPU's {total_memory / 2**30:.1f} GiB, {fitted} ~{predict(fitted) / 2**30:.1f} GiB; "
-              f"TOTAL_BATCH_SIZE kept by gradient accumulation")
-    return fitted
-
+USE_COMPILE = True if ON_CUDA else False  # on CPU, compiling costs more of the 5 minutes than it saves (see README)
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -388,7 +95,7 @@ class CausalSelfAttention(nn.Module):
         cos, sin = cos_sin
         q, k = apply_rotary_emb(q, cos, sin), apply_rotary_emb(k, cos, sin)
         q, k = norm(q), norm(k)
-        y = attention(q, k, v, window)
+        y = fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         return self.c_proj(y.contiguous().view(B, T, -1))
 
 
@@ -738,8 +445,7 @@ def main():
     # before the optimizer step and skips the step when one is inf or NaN. A no-op in bf16 and float32.
     scaler = torch.amp.GradScaler(DEVICE_TYPE, enabled=AMP_DTYPE == torch.float16)
     peak_flops = get_peak_flops()
-    precision = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, dynamic loss scaling"}.get(AMP_DTYPE, "float32")
-    print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); precision: {precision}; compile: {USE_COMPILE}")
+    print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); precision: {PRECISION}; compile: {USE_COMPILE}")
     print(f"attention: {ATTENTION_BACKEND} ({ATTENTION_REASON})")
 
     tokenizer = Tokenizer.from_directory()
@@ -756,15 +462,14 @@ def main():
     num_flops_per_token = model.estimate_flops()
     print(f"Parameters: {num_params:,}; FLOPs per token: {num_flops_per_token:e}")
 
-    total_memory = torch.cuda.get_device_properties(device).total_memory if ON_CUDA else None
-    device_batch_size = fit_device_batch(DEVICE_BATCH_SIZE, total_memory, config, num_params)
+    device_batch_size = fit_device_batch(DEVICE_BATCH_SIZE, DEVICE_MEMORY, config, num_params)
     tokens_per_fwdbwd = device_batch_size * MAX_SEQ_LEN
     assert TOTAL_BATCH_SIZE % tokens_per_fwdbwd == 0, "TOTAL_BATCH_SIZE must be a multiple of DEVICE_BATCH_SIZE * MAX_SEQ_LEN"
     grad_accum_steps = TOTAL_BATCH_SIZE // tokens_per_fwdbwd
 
     optimizer = model.setup_optimizer(unembedding_lr=UNEMBEDDING_LR, embedding_lr=EMBEDDING_LR, scalar_lr=SCALAR_LR,
                                       matrix_lr=MATRIX_LR, weight_decay=WEIGHT_DECAY, adam_betas=ADAM_BETAS)
-    build_attention_masks(MAX_SEQ_LEN, model.window_sizes, DEVICE_TYPE)  # before compiling: see attention_mask
+    fa3.build_masks(MAX_SEQ_LEN, model.window_sizes, DEVICE_TYPE)  # the fallbacks' masks, before compiling
     if USE_COMPILE:
         model = torch.compile(model, dynamic=False)
 

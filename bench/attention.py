@@ -1,4 +1,4 @@
-"""Time forward + backward of each attention backend that can run here, through train.py's own attention().
+"""Time forward + backward of each attention backend that can run here, through hardware.FlashAttention.
 
     python bench/attention.py           # the reference shape: B 128, T 2048, 4 heads of 128, windows 2048 and 1024
     python bench/attention.py --small   # B 2, T 256, 2 heads of 64, windows 256 and 128: minutes on a CPU
@@ -20,7 +20,7 @@ import warnings
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
-import train  # noqa: E402
+import hardware  # noqa: E402
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex on CPU
 
@@ -37,27 +37,26 @@ def attention_flops(B, T, H, D, window):
 
 
 def available_backends():
-    """[(name, None or the reason it cannot run)] for fa3, flex and sdpa on this machine."""
-    fa3_reason = f"needs CUDA, this is {train.DEVICE_TYPE}"
-    if train.ON_CUDA:
-        if train.fa3 is None:
-            train.fa3, fa3_reason = train.load_fa3(train.CAPABILITY, train.IS_ROCM)
-        fa3_reason = None if train.fa3 is not None else fa3_reason
-    return [("fa3", fa3_reason), ("flex", None), ("sdpa", None)]
+    """[(name, FlashAttention or the reason it cannot run)] for fa3, flex and sdpa on this machine."""
+    fa3 = hardware.fa3.fa3
+    fa3_reason = f"needs CUDA, this is {hardware.DEVICE_TYPE}"
+    if hardware.ON_CUDA and fa3 is None:
+        fa3, fa3_reason = hardware.load_fa3(hardware.CAPABILITY, hardware.IS_ROCM)
+    fa3_backend = hardware.FlashAttention("fa3", fa3) if fa3 is not None else fa3_reason
+    return [("fa3", fa3_backend), ("flex", hardware.FlashAttention("flex")), ("sdpa", hardware.FlashAttention("sdpa"))]
 
 
-def time_backend(backend, q, k, v, dy, window, warmup, iters):
-    """Mean milliseconds of attention forward + backward for one backend."""
-    train.ATTENTION_BACKEND = backend
-    train.build_attention_masks(q.size(1), [window], train.DEVICE_TYPE)
+def time_backend(attention, q, k, v, dy, window, warmup, iters):
+    """Mean milliseconds of attention forward + backward for one backend (a hardware.FlashAttention)."""
+    attention.build_masks(q.size(1), [window], hardware.DEVICE_TYPE)
 
     def step():
-        y = train.attention(q, k, v, window)
+        y = attention.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
         torch.autograd.grad(y, (q, k, v), dy)
 
     for _ in range(warmup):  # compiles flex on the first call
         step()
-    if train.ON_CUDA:
+    if hardware.ON_CUDA:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         for _ in range(iters):
@@ -81,8 +80,8 @@ def main():
     windows = [T, T // 2]  # the model's L and S layers
     warmup = args.warmup if args.warmup is not None else (1 if args.small else 5)
     iters = args.iters if args.iters is not None else (3 if args.small else 20)
-    device, dtype = train.DEVICE_TYPE, torch.bfloat16 if train.ON_CUDA else torch.float32
-    name = torch.cuda.get_device_name() if train.ON_CUDA else f"{device} ({os.cpu_count()} cores)"
+    device, dtype = hardware.DEVICE_TYPE, torch.bfloat16 if hardware.ON_CUDA else torch.float32
+    name = torch.cuda.get_device_name() if hardware.ON_CUDA else f"{device} ({os.cpu_count()} cores)"
     print(f"attention forward + backward: B {B}, T {T}, {H} heads of {D}, {str(dtype)[6:]}, {warmup} warm-up + "
           f"{iters} timed calls; {name}; torch {torch.__version__}; {datetime.date.today()}")
 
@@ -94,9 +93,9 @@ def main():
     print(f"{'window':>6}  {'backend':<7} {'ms':>9} {'TFLOP/s':>8} {'/fastest':>8}")
     for window in windows:
         results = {}  # backend -> milliseconds, or the reason it did not run
-        for backend, reason in backends:
+        for backend, attention in backends:
             try:
-                results[backend] = reason or time_backend(backend, q, k, v, dy, window, warmup, iters)
+                results[backend] = attention if isinstance(attention, str) else time_backend(attention, q, k, v, dy, window, warmup, iters)
             except Exception as e:  # e.g. a kernel without support for this GPU
                 results[backend] = " ".join(f"{type(e).__name__}: {e}".split())[:160]
         fastest = min((ms for ms in results.values() if not isinstance(ms, str)), default=None)

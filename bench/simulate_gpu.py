@@ -36,6 +36,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
+import hardware  # noqa: E402
 import train  # noqa: E402
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex on CPU
@@ -114,6 +115,11 @@ def flash_memory_attention(q, k, v, window):
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, is_causal=True)[0].transpose(1, 2)
 
 
+def as_fa3(attention):
+    """An object with FA3's call (what train.py's model calls) that runs attention(q, k, v, window)."""
+    return types.SimpleNamespace(flash_attn_func=lambda q, k, v, causal=True, window_size=(-1, 0): attention(q, k, v, window_size[0]))
+
+
 class patched:
     """Context manager: set attributes (of train) and restore them on exit."""
 
@@ -148,10 +154,10 @@ def make_optimizer(model):
 
 def training_step(model, optimizer, B, amp_dtype, attention=flash_memory_attention, tracker=None):
     """One forward, backward and optimizer step at batch B on meta; fp16 scales the loss as GradScaler does.
-    Returns the loss tensor (meta). Attention is `attention` (train.attention itself keeps the chosen backend)."""
+    Returns the loss tensor (meta). Attention is `attention(q, k, v, window)`, in place of train.fa3."""
     T = model.config.sequence_len
     x = torch.zeros(B, T, dtype=torch.long, device="meta")
-    with patched(train, attention=attention):
+    with patched(train, fa3=as_fa3(attention)):
         with MetaAutocast(amp_dtype):
             loss = model(x, x)
         scale = 2.0**16 if amp_dtype == torch.float16 else 1.0  # GradScaler's initial scale
@@ -214,7 +220,7 @@ def compiled_saved_bytes(config, B, amp_dtype=torch.bfloat16):
     model = meta_model(config, amp_dtype)
     compiled = torch.compile(model, backend=backend, dynamic=False)
     x = torch.zeros(B, config.sequence_len, dtype=torch.long, device="meta")
-    with patched(train, attention=flash_memory_attention), MetaAutocast(amp_dtype, explicit_ce=True):
+    with patched(train, fa3=as_fa3(flash_memory_attention)), MetaAutocast(amp_dtype, explicit_ce=True):
         compiled(x, x)
     torch._dynamo.reset()
     return saved["bytes"], saved["shapes"]
@@ -223,7 +229,7 @@ def compiled_saved_bytes(config, B, amp_dtype=torch.bfloat16):
 def inductor_saved_tensors(config, B):
     """What real Inductor (torch.compile's default backend: its decompositions and joint-graph passes, then the
     min-cut partition) saves for the backward, on the CPU with real tensors under CPU bf16 autocast, embeddings
-    and rotary tables in bf16 as on CUDA, train.attention as the CPU has it (SDPA with a mask). Small configs
+    and rotary tables in bf16 as on CUDA, train.fa3 as the CPU has it (SDPA with a mask). Small configs
     only (a real compile, a minute or more). Returns a Counter of (dtype, shape) -> count of saved tensors
     (bases of views once; graph inputs and bf16 copies of weights included, as compiled_saved_bytes counts)."""
     import torch._inductor.compile_fx as compile_fx
@@ -280,14 +286,14 @@ def fit_per_token_bytes():
 
 
 def predicted_bytes(config, B):
-    """train.fit_device_batch's prediction for batch B (the largest b <= B it keeps is B itself at any memory
+    """hardware.fit_device_batch's prediction for batch B (the largest b <= B it keeps is B itself at any memory
     above it), read back by bisection on total_memory so the bench uses the rule exactly as train.py has it."""
     num_params = sum(p.numel() for p in meta_model(config).parameters())
     lo, hi = 0, 2**50
     while hi - lo > 2**20:  # the smallest total_memory that keeps B, within 1 MiB
         mid = (lo + hi) // 2
         with patched(sys.modules["builtins"], print=lambda *a, **k: None):
-            kept = train.fit_device_batch(B, mid, config, num_params) == B
+            kept = hardware.fit_device_batch(B, mid, config, num_params) == B
         lo, hi = (lo, mid) if kept else (mid, hi)
     return hi * 0.9  # fit_device_batch keeps B while predicted <= 0.9 * total_memory
 
@@ -304,12 +310,10 @@ def counted_flops_per_token(config):
     model = meta_model(config)
     T = config.sequence_len
     x = torch.zeros(1, T, dtype=torch.long, device="meta")
-    train._attention_masks.clear()
-    with patched(train, ATTENTION_BACKEND="sdpa"):
+    with patched(train, fa3=hardware.FlashAttention("sdpa")):
         counter = FlopCounterMode(display=False)
         with counter, MetaAutocast(torch.bfloat16):
             model(x, x).backward()
-    train._attention_masks.clear()
     by_op = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     return counter.get_total_flops() / T, {op: n / T for op, n in by_op.items()}
 
@@ -347,9 +351,8 @@ def model_graph_breaks(backend):
     config = tiny_config()
     model = tiny_model(config)
     x = torch.randint(0, config.vocab_size, (2, config.sequence_len))
-    train._attention_masks.clear()
-    with patched(train, ATTENTION_BACKEND=backend):
-        train.build_attention_masks(config.sequence_len, model.window_sizes, "cpu")  # as main() does
+    with patched(train, fa3=hardware.FlashAttention(backend)):
+        train.fa3.build_masks(config.sequence_len, model.window_sizes, "cpu")  # as main() does
         torch._dynamo.reset()
         breaks = torch._dynamo.explain(model)(x, x).graph_break_count
         torch._dynamo.reset()
@@ -359,7 +362,6 @@ def model_graph_breaks(backend):
         except Exception as e:  # a graph break under fullgraph=True raises
             error = " ".join(f"{type(e).__name__}: {e}".split())[:200]
         torch._dynamo.reset()
-    train._attention_masks.clear()
     return breaks, error
 
 
@@ -391,20 +393,20 @@ def gpu_choices(capability, total_memory, config):
     """(attention backend, autocast dtype, device batch) that train.py would choose on this GPU, with the
     kernel hub answering (kernels.get_kernel mocked; load_fa3 still decides which repo, if any) and FA3's
     smoke check passing, Triton as installed here."""
-    amp_dtype = train.select_amp_dtype(capability)
+    amp_dtype = hardware.select_amp_dtype(capability)
     hub = types.ModuleType("kernels")  # the kernel hub answers every repo with a module that has flash_attn_func
     hub.get_kernel = lambda repo, *args, **kwargs: types.SimpleNamespace(flash_attn_interface=object())
-    with mock.patch.dict(sys.modules, kernels=hub), patched(train, fa3_check=lambda fa3, device="cuda": None):
-        backend, _, _ = train.select_attention_backend(capability, False)
+    with mock.patch.dict(sys.modules, kernels=hub), patched(hardware, fa3_check=lambda fa3, device="cuda": None):
+        backend, _, _ = hardware.select_attention_backend(capability, False)
     num_params = sum(p.numel() for p in meta_model(config, amp_dtype).parameters())
     with patched(sys.modules["builtins"], print=lambda *a, **k: None):
-        batch = train.fit_device_batch(REFERENCE_BATCH, total_memory, config, num_params)
+        batch = hardware.fit_device_batch(REFERENCE_BATCH, total_memory, config, num_params)
     return backend, amp_dtype, batch
 
 
 def simulated_step(config, backend, amp_dtype, batch):
     """One training step (forward, backward, optimizer) of the reference model on meta with this GPU's
-    autocast dtype and batch, through train.py's attention() under `backend` ("fa3" and "flex" use the
+    autocast dtype and batch, through hardware.FlashAttention under `backend` ("fa3" and "flex" use the
     FlashAttention memory model, since their kernels need a GPU; "sdpa" runs train.py's SDPA path with its
     boolean window masks). Checks dtypes on the way. Returns (grad_accum_steps, seconds)."""
     t0 = time.time()
@@ -420,12 +422,10 @@ def simulated_step(config, backend, amp_dtype, batch):
             return real_attention(q, k, v, window)
         return flash_memory_attention(q, k, v, window)
 
-    real_attention = train.attention
-    train._attention_masks.clear()
-    with patched(train, ATTENTION_BACKEND=backend):
-        train.build_attention_masks(config.sequence_len, model.window_sizes, "meta")
-        loss = training_step(model, optimizer, batch, amp_dtype, attention=checked_attention)
-    train._attention_masks.clear()
+    fallback = hardware.FlashAttention(backend)
+    fallback.build_masks(config.sequence_len, model.window_sizes, "meta")
+    real_attention = lambda q, k, v, window: fallback.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))  # noqa: E731
+    loss = training_step(model, optimizer, batch, amp_dtype, attention=checked_attention)
     assert loss.dtype == torch.float32 and loss.shape == ()
     assert seen == model.window_sizes, seen
     assert all(s for s in optimizer.state.values())  # every group stepped

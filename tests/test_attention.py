@@ -1,4 +1,5 @@
-"""Attention backends on CPU: SDPA and FlexAttention against a naive float64 reference.
+"""Attention backends on CPU: SDPA and FlexAttention behind hardware.FlashAttention (FA3's call, which train.py's
+model makes) against a naive float64 reference.
 
 Every backend must compute the same function: causal attention where query i sees
 keys j with i - window <= j <= i (Flash Attention's window_size=(window, 0)).
@@ -12,10 +13,12 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
 
+import hardware
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,8 +47,14 @@ def rel_err(x, ref):
 
 @pytest.fixture(params=CPU_BACKENDS)
 def backend(request, monkeypatch):
-    monkeypatch.setattr(train, "ATTENTION_BACKEND", request.param)
-    return request.param
+    """A FlashAttention on one backend, also installed as the one train.py's model calls."""
+    fa3 = hardware.FlashAttention(request.param)
+    monkeypatch.setattr(train, "fa3", fa3)
+    return fa3
+
+
+def attention(fa3, q, k, v, window):
+    return fa3.flash_attn_func(q, k, v, causal=True, window_size=(window, 0))
 
 
 # (B, T, H, H_kv, D, window): full context (w = T - 1 and the model's w = T), half (the model's S),
@@ -83,7 +92,7 @@ def reference(B, T, H, H_kv, D, window):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-T{}-H{}-Hkv{}-D{}-w{}".format(*c))
 def test_forward_and_gradients_match_naive(backend, case):
     (q, k, v), dy, y_ref, grads_ref = reference(*case)
-    y = train.attention(q, k, v, case[-1])
+    y = attention(backend, q, k, v, case[-1])
     assert y.shape == q.shape and y.dtype == q.dtype
     assert rel_err(y, y_ref) < 1e-5
     grads = torch.autograd.grad(y, (q, k, v), dy)
@@ -97,7 +106,7 @@ def test_window_convention(backend, window):
     T = 8
     q = k = torch.zeros(1, T, 1, T)
     v = torch.eye(T).view(1, T, 1, T)
-    weights = train.attention(q, k, v, window)[0, :, 0]
+    weights = attention(backend, q, k, v, window)[0, :, 0]
     for i in range(T):
         seen = list(range(max(0, i - window), i + 1))
         expected = torch.zeros(T)
@@ -106,13 +115,14 @@ def test_window_convention(backend, window):
 
 
 def test_masks_built_once(backend):
-    train.build_attention_masks(96, [96, 48, 48], "cpu")
+    backend.build_masks(96, [96, 48, 48], "cpu")
+    assert sorted(backend.masks) == [(96, 48, "cpu"), (96, 96, "cpu")]
     for window in (96, 48):
-        key = (backend, 96, window, "cpu")
-        assert key in train._attention_masks
-        assert train.attention_mask(96, window, "cpu") is train._attention_masks[key]
-    if backend == "sdpa":
-        assert train._attention_masks[("sdpa", 96, 96, "cpu")] is None  # full window: plain causal kernel
+        assert backend.mask(96, window, "cpu") is backend.masks[(96, window, "cpu")]
+    if backend.backend == "sdpa":
+        assert backend.masks[(96, 96, "cpu")] is None  # full window: plain causal kernel
+    else:
+        assert backend.masks[(96, 48, "cpu")] is not backend.masks[(96, 96, "cpu")]
 
 
 def tiny_model(seq_len=64, n_embd=64, n_head=2):
@@ -141,7 +151,8 @@ def test_model_matches_naive_attention(backend, monkeypatch):
     model, idx = tiny_model()
     assert model.window_sizes == [32, 64, 64]
     loss, grads = loss_and_grads(model, idx)
-    monkeypatch.setattr(train, "attention", lambda q, k, v, w: naive_attention(q, k, v, w).to(q.dtype))
+    naive = lambda q, k, v, causal, window_size: naive_attention(q, k, v, window_size[0]).to(q.dtype)  # noqa: E731
+    monkeypatch.setattr(train, "fa3", types.SimpleNamespace(flash_attn_func=naive))
     loss_ref, grads_ref = loss_and_grads(model, idx)
     assert abs(loss.item() - loss_ref.item()) < 1e-5
     for g, g_ref in zip(grads, grads_ref):
@@ -151,7 +162,7 @@ def test_model_matches_naive_attention(backend, monkeypatch):
 def test_compiled_model_reads_cached_masks_without_graph_break(backend):
     """With the masks built first, the compiled forward and backward trace as one graph (fullgraph=True)."""
     model, idx = tiny_model()
-    train.build_attention_masks(64, model.window_sizes, "cpu")
+    backend.build_masks(64, model.window_sizes, "cpu")
     loss_ref, _ = loss_and_grads(model, idx)
     compiled = torch.compile(model, backend="eager", fullgraph=True, dynamic=False)
     loss, _ = loss_and_grads(compiled, idx)
@@ -161,7 +172,7 @@ def test_compiled_model_reads_cached_masks_without_graph_break(backend):
 @pytest.mark.parametrize("forced,expected", [("", "sdpa"), ("sdpa", "sdpa"), ("flex", "flex"), (" FLEX ", "flex")])
 def test_backend_selection_on_cpu(monkeypatch, forced, expected):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", forced)
-    backend, reason, fa3 = train.select_attention_backend(None, False)
+    backend, reason, fa3 = hardware.select_attention_backend(None, False)
     assert (backend, fa3) == (expected, None)
     assert reason == ("forced by AUTORESEARCH_ATTENTION" if forced else "default on cpu")
 
@@ -170,17 +181,17 @@ def test_backend_selection_on_cpu(monkeypatch, forced, expected):
 def test_forcing_a_backend_that_cannot_run_exits(monkeypatch, forced, message):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", forced)
     with pytest.raises(SystemExit, match=message):
-        train.select_attention_backend(None, False)
+        hardware.select_attention_backend(None, False)
 
 
 def test_import_on_cpu_is_offline_and_skips_fa3():
-    """Importing train.py on CPU neither imports `kernels` nor opens a socket."""
+    """Importing train.py (and so hardware.py) on CPU neither imports `kernels` nor opens a socket."""
     code = ("import socket, sys\n"
             "sys.modules['kernels'] = None\n"
             "def no_network(*a, **k): raise AssertionError('network access')\n"
             "socket.socket.connect = no_network\n"
             "import train\n"
-            "print(train.ATTENTION_BACKEND, train.fa3)\n")
+            "print(train.ATTENTION_BACKEND, train.fa3.fa3)\n")
     env = dict(os.environ, AUTORESEARCH_DEVICE="cpu", AUTORESEARCH_ATTENTION="")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=120)
@@ -196,3 +207,22 @@ def test_bench_counts_attended_pairs(T, window):
     spec.loader.exec_module(bench)
     ones = torch.ones(T, T, dtype=torch.bool)
     assert bench.attended_pairs(T, window) == (torch.tril(ones) & ~torch.tril(ones, diagonal=-(window + 1))).sum()
+
+
+def test_fa3_is_called_exactly_as_the_reference_calls_it(monkeypatch):
+    """Where FA3 runs, the model's call reaches the FA3 build unchanged: the same tensors, causal=True and
+    window_size=(w, 0) per layer, and FA3's output is the layer's attention output (nothing added around it)."""
+    calls = []
+
+    def fa3_build(q, k, v, causal, window_size):
+        calls.append((q, k, v, causal, window_size))
+        return naive_attention(q, k, v, window_size[0]).to(q.dtype)
+
+    monkeypatch.setattr(train, "fa3", hardware.FlashAttention("fa3", types.SimpleNamespace(flash_attn_func=fa3_build)))
+    model, idx = tiny_model()
+    loss, _ = loss_and_grads(model, idx)
+    assert [(c[3], c[4]) for c in calls] == [(True, (w, 0)) for w in model.window_sizes]
+    assert all(c[0].shape == (2, 64, 2, 32) and c[1].shape == c[2].shape == (2, 64, 2, 32) for c in calls)
+    monkeypatch.setattr(train, "fa3", types.SimpleNamespace(flash_attn_func=fa3_build))  # the build itself
+    loss_direct, _ = loss_and_grads(model, idx)
+    assert loss.item() == loss_direct.item()

@@ -1,4 +1,4 @@
-"""train.fit_device_batch: the batch that fits each GPU, the rule against a simulated compiled step, and main()'s
+"""hardware.fit_device_batch: the batch that fits each GPU, the rule against a simulated compiled step, and main()'s
 wiring (gradient accumulation keeps TOTAL_BATCH_SIZE). See bench/simulate_gpu.py for the simulation."""
 
 import gc
@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import hardware
 import prepare
 import train
 from conftest import ROOT
@@ -28,7 +29,7 @@ def naive_predicted_peak(batch, config, num_params):
 
 
 def fit(batch, total_memory, config=REFERENCE, num_params=REFERENCE_PARAMS):
-    return train.fit_device_batch(batch, total_memory, config, num_params)
+    return hardware.fit_device_batch(batch, total_memory, config, num_params)
 
 
 def test_reference_parameter_count():

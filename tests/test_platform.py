@@ -1,5 +1,5 @@
-"""train.py's device section on every GPU family, proven on the CPU: the attention backend and the precision
-chosen for each compute capability, the FA3 load through the real `kernels` call path (hub mocked, or absent),
+"""hardware.py (train.py's device layer) on every GPU family, proven on the CPU: the attention backend and the
+precision chosen for each compute capability, the FA3 load through the real `kernels` call path (hub mocked, or absent),
 the FA3 smoke check, the peak-FLOPs table and the `platform:` line.
 
 Nothing here needs a GPU or the network: the capability, ROCm, the hub and Triton are mocked, and the FA3
@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -19,6 +20,7 @@ import types
 import pytest
 import torch
 
+import hardware
 import train
 from conftest import ROOT
 
@@ -66,19 +68,19 @@ class Hub:
 def gpu(monkeypatch):
     """Set up one GPU row: the hub's answer, Triton's presence; the FA3 smoke check runs for real on CPU."""
     monkeypatch.delenv("AUTORESEARCH_ATTENTION", raising=False)
-    monkeypatch.setattr(train, "fa3_check", functools.partial(train.fa3_check, device="cpu"))
+    monkeypatch.setattr(hardware, "fa3_check", functools.partial(hardware.fa3_check, device="cpu"))
 
     def setup(fa3=windowed_attention, hub_error=None, triton=True):
         hub = Hub(fake_fa3(fa3), hub_error)
         monkeypatch.setitem(sys.modules, "kernels", types.SimpleNamespace(get_kernel=hub.get_kernel))
         find_spec = importlib_find_spec
-        monkeypatch.setattr(train.importlib.util, "find_spec",
+        monkeypatch.setattr(hardware.importlib.util, "find_spec",
                             lambda name, *a: (find_spec(name, *a) if triton else None) if name == "triton" else find_spec(name, *a))
         return hub
     return setup
 
 
-importlib_find_spec = train.importlib.util.find_spec
+importlib_find_spec = hardware.importlib.util.find_spec
 
 # (capability, ROCm, FA3 stand-in, hub error, Triton) -> (backend, hub repo asked or None, words in the reason)
 ROWS = {
@@ -108,7 +110,7 @@ ROWS = {
 def test_attention_backend_for_each_gpu(gpu, row):
     capability, rocm, fa3, hub_error, triton, backend, repo, words = ROWS[row]
     hub = gpu(fa3, hub_error, triton)
-    chosen, reason, module = train.select_attention_backend(capability, rocm)
+    chosen, reason, module = hardware.select_attention_backend(capability, rocm)
     assert chosen == backend, reason
     assert [call[0] for call in hub.calls] == ([repo] if repo else [])  # never asks the hub for a GPU it has no build for
     assert (module is not None) == (backend == "fa3")
@@ -125,7 +127,7 @@ def test_attention_line_says_fa3_when_the_hub_answers(monkeypatch, tmp_path, cap
     import kernels
 
     hub_client = sys.modules[kernels.get_kernel.__module__]  # where get_kernel finds snapshot_download
-    repo = train.fa3_repo(capability, False)
+    repo = hardware.fa3_repo(capability, False)
     package = repo.split("/")[-1].replace("-", "_")
     variant_dir = tmp_path / "build" / "torch-universal" / package
     variant_dir.mkdir(parents=True)
@@ -141,9 +143,9 @@ def test_attention_line_says_fa3_when_the_hub_answers(monkeypatch, tmp_path, cap
         return str(tmp_path)
 
     monkeypatch.setattr(hub_client, "snapshot_download", snapshot_download)
-    monkeypatch.setattr(train, "fa3_check", functools.partial(train.fa3_check, device="cpu"))
+    monkeypatch.setattr(hardware, "fa3_check", functools.partial(hardware.fa3_check, device="cpu"))
     monkeypatch.delenv("AUTORESEARCH_ATTENTION", raising=False)
-    backend, reason, module = train.select_attention_backend(capability, False)
+    backend, reason, module = hardware.select_attention_backend(capability, False)
     assert f"attention: {backend} ({reason})" == f"attention: fa3 (Flash Attention 3 from {repo})"
     assert downloads == [(repo, "main")]
     assert module.flash_attn_func is windowed_attention
@@ -160,7 +162,7 @@ def test_fa3_load_without_network_fails_for_a_network_reason(tmp_path):
     come from the hub client failing to connect, not from how get_kernel was called (a TypeError, or the
     ValueError of `kernels` 0.17: "A kernel version or revision must be specified")."""
     code = textwrap.dedent("""
-        import json, kernels, train
+        import json, kernels, hardware
         raised = []
         real = kernels.get_kernel
         def spy(*args, **kwargs):
@@ -170,7 +172,7 @@ def test_fa3_load_without_network_fails_for_a_network_reason(tmp_path):
                 raised.append(e)
                 raise
         kernels.get_kernel = spy
-        module, reason = train.load_fa3((9, 0), False)
+        module, reason = hardware.load_fa3((9, 0), False)
         chain, e = [], raised[0] if raised else None
         while e is not None:
             chain.append([type(e).__module__, type(e).__name__, [c.__name__ for c in type(e).__mro__], str(e)[:300]])
@@ -200,7 +202,7 @@ def test_fa3_load_without_network_fails_for_a_network_reason(tmp_path):
 # ---------------------------------------------------------------------------
 
 def test_fa3_check_accepts_a_correct_kernel_and_rejects_the_rest():
-    check = functools.partial(train.fa3_check, device="cpu")
+    check = functools.partial(hardware.fa3_check, device="cpu")
     assert check(fake_fa3(windowed_attention)) is None
     assert check(fake_fa3(no_kernel_image)).startswith("fails at the first call (RuntimeError: CUDA error: no kernel image")
     assert check(fake_fa3(full_causal)).startswith("differs from SDPA")
@@ -215,20 +217,20 @@ def test_forcing_fa3_exits_where_it_cannot_run(gpu, monkeypatch):
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "fa3")
     gpu(no_kernel_image)
     with pytest.raises(SystemExit, match="loads but fails at the first call"):
-        train.select_attention_backend((9, 0), False)
+        hardware.select_attention_backend((9, 0), False)
     with pytest.raises(SystemExit, match="no Flash Attention 3 build for compute capability 12.0"):
-        train.select_attention_backend((12, 0), False)
+        hardware.select_attention_backend((12, 0), False)
     gpu(windowed_attention)
-    assert train.select_attention_backend((9, 0), False)[:2] == ("fa3", f"Flash Attention 3 from {HOPPER}; forced by AUTORESEARCH_ATTENTION")
+    assert hardware.select_attention_backend((9, 0), False)[:2] == ("fa3", f"Flash Attention 3 from {HOPPER}; forced by AUTORESEARCH_ATTENTION")
 
 
 def test_forcing_flex_below_ampere_exits_and_sdpa_skips_the_hub(gpu, monkeypatch):
     hub = gpu()
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "flex")
     with pytest.raises(SystemExit, match="compute capability 8.0"):
-        train.select_attention_backend((7, 5), False)
+        hardware.select_attention_backend((7, 5), False)
     monkeypatch.setenv("AUTORESEARCH_ATTENTION", "sdpa")
-    assert train.select_attention_backend((9, 0), False) == ("sdpa", "forced by AUTORESEARCH_ATTENTION", None)
+    assert hardware.select_attention_backend((9, 0), False) == ("sdpa", "forced by AUTORESEARCH_ATTENTION", None)
     assert hub.calls == []
 
 
@@ -239,7 +241,7 @@ def test_forcing_flex_below_ampere_exits_and_sdpa_skips_the_hub(gpu, monkeypatch
     ((6, 1), False, None), (None, False, None),
 ])
 def test_fa3_repo_by_capability(capability, rocm, repo):
-    assert train.fa3_repo(capability, rocm) == repo
+    assert hardware.fa3_repo(capability, rocm) == repo
 
 
 # ---------------------------------------------------------------------------
@@ -252,11 +254,11 @@ def test_fa3_repo_by_capability(capability, rocm, repo):
     ((7, 5), torch.float16), ((7, 0), torch.float16), ((6, 1), torch.float16), (None, torch.float32),
 ])
 def test_amp_dtype_by_capability(capability, dtype):
-    assert train.select_amp_dtype(capability) == dtype
+    assert hardware.select_amp_dtype(capability) == dtype
 
 
 def test_this_process_runs_the_cpu_profile():
-    assert (train.CAPABILITY, train.IS_ROCM, train.AMP_DTYPE, train.COMPUTE_DTYPE) == (None, False, torch.float32, torch.float32)
+    assert (hardware.CAPABILITY, hardware.IS_ROCM, train.AMP_DTYPE, train.COMPUTE_DTYPE) == (None, False, torch.float32, torch.float32)
 
 
 def test_environment_set_before_torch_starts_cuda():
@@ -326,19 +328,45 @@ DEVICE_NAMES = {
 @pytest.mark.parametrize("name", DEVICE_NAMES)
 def test_peak_flops_by_device_name_and_dtype(name):
     bf16, fp16 = DEVICE_NAMES[name]
-    assert train.peak_flops_for(name, torch.bfloat16) == pytest.approx(bf16 * 1e12)
-    assert train.peak_flops_for(name, torch.float16) == pytest.approx(fp16 * 1e12)
-    assert train.peak_flops_for(name, torch.float32) == 0.0
+    assert hardware.peak_flops_for(name, torch.bfloat16) == pytest.approx(bf16 * 1e12)
+    assert hardware.peak_flops_for(name, torch.float16) == pytest.approx(fp16 * 1e12)
+    assert hardware.peak_flops_for(name, torch.float32) == 0.0
 
 
 def test_peak_flops_table_is_ordered_specific_first():
     """No row is shadowed by an earlier, less specific one: each name, looked up alone, finds its own figures."""
-    for key, bf16, fp16 in train.PEAK_FLOPS:
-        assert train.peak_flops_for(key, torch.bfloat16) == (bf16 or 0.0), key
-        assert train.peak_flops_for(key, torch.float16) == fp16, key
+    for key, bf16, fp16 in hardware.PEAK_FLOPS:
+        assert hardware.peak_flops_for(key, torch.bfloat16) == (bf16 or 0.0), key
+        assert hardware.peak_flops_for(key, torch.float16) == fp16, key
 
 
-def test_platform_line_names_the_cpu():
-    name = train.platform_name()
-    assert name.startswith("cpu (") and name.endswith(f", {os.cpu_count()} cores)")
-    assert "(R)" not in name and "\n" not in name and len(name) < 100
+@pytest.mark.parametrize("device_type, name, cores, slug", [
+    ("cuda", "NVIDIA H100 80GB HBM3", None, "h100-80gb-hbm3"),
+    ("cuda", "NVIDIA H100 PCIe", None, "h100-pcie"),
+    ("cuda", "NVIDIA A100-SXM4-80GB", None, "a100-sxm4-80gb"),
+    ("cuda", "Tesla T4", None, "t4"),
+    ("cuda", "Tesla V100-SXM2-16GB", None, "v100-sxm2-16gb"),
+    ("cuda", "NVIDIA GeForce RTX 4090", None, "rtx-4090"),
+    ("cuda", "NVIDIA RTX 6000 Ada Generation", None, "rtx-6000-ada-generation"),
+    ("cuda", "AMD Instinct MI300X", None, "amd-instinct-mi300x"),
+    ("mps", "Apple M2 Max", None, "apple-m2-max"),
+    ("cpu", "AMD EPYC", 2, "cpu-amd-epyc-2c"),
+    ("cpu", "AMD EPYC 7B13 64-Core Processor", 64, "cpu-amd-epyc-7b13-64c"),
+    ("cpu", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz", 8, "cpu-intel-xeon-platinum-8375c-8c"),
+    ("cpu", "13th Gen Intel(R) Core(TM) i7-13700K", 24, "cpu-13th-gen-intel-core-i7-13700k-24c"),
+    ("cpu", "Apple M3 Pro", 12, "cpu-apple-m3-pro-12c"),
+    ("cpu", "  Intel(R) Core(TM) i5-8250U CPU @ 1.60GHz\n", 4, "cpu-intel-core-i5-8250u-4c"),
+    ("cpu", "", 4, "cpu-unknown-4c"),
+    # too long: whole words go from the end; one word too long is cut
+    ("cpu", "Neoverse-V1 with a very long model name that goes on and on", 64, "cpu-neoverse-v1-with-a-very-long-64c"),
+    ("cuda", "X" * 50, None, "x" * 40),
+])
+def test_platform_slug(device_type, name, cores, slug):
+    assert hardware.platform_slug(device_type, name, cores) == slug
+    assert re.fullmatch(r"[a-z0-9.-]{1,40}", slug)
+
+
+def test_platform_line_on_this_cpu():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    name = hardware.platform_name()
+    assert name.startswith("cpu-") and name.endswith(f"-{cores}c") and re.fullmatch(r"[a-z0-9.-]{1,40}", name)
