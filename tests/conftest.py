@@ -1,8 +1,9 @@
 """Shared test fixtures: a synthetic corpus in the ClimbMix shard layout and a trained tokenizer.
 
 Tests never touch the network or data outside their temporary folders: they write their own small shards.
-Every test runs on the CPU profile (AUTORESEARCH_DEVICE=cpu) so results do not
-depend on the machine.
+Every test runs on the CPU profile (AUTORESEARCH_DEVICE=cpu) in float32
+(AUTORESEARCH_PRECISION=fp32: no bf16 autocast on CPUs with bf16 units) so results
+do not depend on the machine.
 """
 
 import os
@@ -10,6 +11,7 @@ import random
 import sys
 
 os.environ["AUTORESEARCH_DEVICE"] = "cpu"
+os.environ["AUTORESEARCH_PRECISION"] = "fp32"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
