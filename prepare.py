@@ -11,19 +11,13 @@ and `evaluate_bpb` (the metric). The agent never edits this file.
 """
 
 import argparse
-import datetime
-import email.utils
-import errno
 import functools
-import hashlib
 import json
 import math
 import os
 import pickle
 import queue
-import re
 import shutil
-import signal
 import sys
 import threading
 import time
@@ -31,14 +25,19 @@ import urllib.parse
 from bisect import bisect_right, insort
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing import Pool
+from multiprocessing.pool import ThreadPool
 
+import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
 import torch
+from huggingface_hub import constants as hf_constants
+from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
+from requests.adapters import HTTPAdapter
 from tqdm import tqdm
+from urllib3.util.retry import Retry
 
 # ---------------------------------------------------------------------------
 # Device (the same detection decides train.py's device and defaults)
@@ -94,7 +93,7 @@ VOCAB_SIZE = 8192
 CACHE_DIR = os.environ.get("AUTORESEARCH_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "autoresearch")
 DATA_DIR = os.path.join(CACHE_DIR, "data")
 TOKENIZER_DIR = os.path.join(CACHE_DIR, "tokenizer")
-BASE_URL = "https://huggingface.co/datasets/karpathy/climbmix-400b-shuffle/resolve/main"
+HF_REPO = "karpathy/climbmix-400b-shuffle"  # dataset repo on the Hugging Face hub (HF_ENDPOINT for a mirror)
 MAX_SHARD = 6542                    # shard_06542.parquet is the last one
 VAL_SHARD = MAX_SHARD               # pinned validation shard, never trained on
 VAL_FILENAME = f"shard_{VAL_SHARD:05d}.parquet"
@@ -106,10 +105,8 @@ BOS_TOKEN = "<|reserved_0|>"
 TOKENIZER_MAX_CHARS = 1_000_000_000  # characters of training text read for BPE
 TOKENIZER_DOC_CAP = 10_000           # each document cropped to this many characters
 
-# Download behaviour
-DOWNLOAD_ATTEMPTS = 5
-DOWNLOAD_TIMEOUT = 30                # seconds without data before giving up on a request
-DOWNLOAD_CHUNK = 1 << 20             # 1 MiB
+# Download behaviour (on the hub, huggingface_hub's retry policy applies instead of the first two)
+DOWNLOAD_ATTEMPTS = 5                # tries per request to an http(s) --data-url
 RETRY_AFTER_MAX = 300                # longest Retry-After wait honoured, seconds (bounds a run's wait)
 DISK_CHECK_SAMPLE = 16               # shards whose size is asked for (HEAD) before downloading
 # Per-shard size when the source states none: a ClimbMix shard holds ~61M tokens
@@ -124,40 +121,14 @@ def shard_filename(index):
 # ---------------------------------------------------------------------------
 # Data download
 # ---------------------------------------------------------------------------
-# A shard counts as present only when verify_shard() accepts it, so a partial,
-# truncated or garbled file never reaches tokenizer training or train.py.
-
-def _backoff_base():
-    # Tests shorten the retry sleeps through this variable; the default is the reference's 2**attempt s.
-    return float(os.environ.get("AUTORESEARCH_BACKOFF_BASE", "2"))
-
-
-def _download_timeout():
-    # Tests shorten the network timeout through this variable; the default is the reference's 30 s.
-    return float(os.environ.get("AUTORESEARCH_DOWNLOAD_TIMEOUT", str(DOWNLOAD_TIMEOUT)))
-
-
-def _source_kind(source):
-    """Classify a data source: ("http", url) or ("dir", local_directory)."""
-    parsed = urllib.parse.urlparse(source)
-    if parsed.scheme in ("http", "https"):
-        return "http", source.rstrip("/")
-    if parsed.scheme == "file":
-        return "dir", urllib.parse.unquote(parsed.path)
-    return "dir", os.path.abspath(os.path.expanduser(source))
-
+# From the hub through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_* settings, Xet; its retries and resumption)
+# or from --data-url: a directory, a file:// URL or an http(s) mirror (urllib3 retries). A file lands in
+# DATA_DIR/.partial/ and is renamed into DATA_DIR only once verify_shard() accepts it.
 
 def verify_shard(path):
-    """Check that `path` is a readable parquet file with a string column `text`.
+    """None when `path` is a readable parquet file with a string column `text`, else why not (str); never raises.
 
-    Only the footer and schema are read (a few KB), so this is cheap enough to
-    run on every cached shard at each start. It cannot see damage inside the
-    data pages; downloads are covered there by the size and sha256 checks.
-
-    Returns:
-        None when the shard is usable, else a short reason (str). Never raises
-        for a bad or missing file.
-    """
+    Reads only the footer and schema (a few KB): cheap enough for every cached shard at each start."""
     try:
         schema = pq.read_schema(path)
     except (pa.ArrowException, OSError) as e:
@@ -170,282 +141,135 @@ def verify_shard(path):
     return None
 
 
-class _FetchError(Exception):
-    """One failed attempt. retry: whether another attempt can help; wait: seconds the server asked for (Retry-After)."""
-
-    def __init__(self, message, retry=True, wait=None):
-        super().__init__(message)
-        self.retry = retry
-        self.wait = wait
-
-
-def _retry_after(response):
-    """Seconds asked for by a Retry-After header (a delay or an HTTP date), capped at RETRY_AFTER_MAX.
-
-    Returns None when the header is absent or unreadable.
-    """
-    value = response.headers.get("Retry-After", "").strip()
-    if not value:
-        return None
-    try:
-        seconds = float(value)
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(value)
-            seconds = (when - datetime.datetime.now(datetime.timezone.utc)).total_seconds()
-        except (TypeError, ValueError):
-            return None
-    return min(max(seconds, 0.0), RETRY_AFTER_MAX)
+def _mirror(source):
+    """(requests session, base URL) for an http(s) source; (None, directory) for any other."""
+    url = urllib.parse.urlparse(source)
+    if url.scheme not in ("http", "https"):  # a directory, or a file:// URL of one
+        return None, urllib.parse.unquote(url.path) if url.scheme == "file" else os.path.expanduser(source)
+    # connection errors, 429 and 5xx: DOWNLOAD_ATTEMPTS tries, 2, 4, 8 s apart or as long as Retry-After asks
+    retry = Retry(total=DOWNLOAD_ATTEMPTS - 1, backoff_factor=1, status_forcelist=(429, 500, 502, 503, 504),
+                  retry_after_max=RETRY_AFTER_MAX)
+    session = requests.Session()
+    session.mount(f"{url.scheme}://", HTTPAdapter(max_retries=retry))
+    return session, source.rstrip("/")
 
 
-def _stated_size_and_sha256(response):
-    """What the server says the file is: (size in bytes or None, sha256 hex or None).
-
-    The Hugging Face hub answers a resolve/ URL with a redirect that carries
-    X-Linked-Size and X-Linked-Etag (the sha256 of the stored file); requests
-    follows it, so those headers sit on response.history. Content-Length counts
-    only on a final 200 whose body is not content-encoded.
-    """
-    size = sha256 = None
-    for r in [*response.history, response]:
-        if r.headers.get("X-Linked-Size", "").strip().isdigit():
-            size = int(r.headers["X-Linked-Size"])
-        etag = r.headers.get("X-Linked-Etag", "").strip().removeprefix("W/").strip('"').lower()
-        if re.fullmatch(r"[0-9a-f]{64}", etag):
-            sha256 = etag
-    length = response.headers.get("Content-Length", "").strip()
-    if size is None and response.status_code == 200 and not response.headers.get("Content-Encoding") and length.isdigit():
-        size = int(length)
-    return size, sha256
-
-
-_PARENT_PID = None  # set in pool workers, so that they stop when prepare.py itself was killed
-
-
-def _init_download_worker():
-    # Ctrl-C goes to the whole process group: let only the parent handle it (it
-    # then terminates the pool) instead of every worker printing a traceback.
-    global _PARENT_PID
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _PARENT_PID = os.getppid()
-
-
-def _check_parent_alive():
-    # A worker whose parent was SIGKILLed is orphaned: stop instead of downloading for nobody.
-    if _PARENT_PID is not None and os.getppid() != _PARENT_PID:
-        raise SystemExit(0)
-
-
-def _fetch_to(source, filename, tmp_path):
-    """Fetch one shard from `source` into tmp_path and check it. Raises _FetchError on any failure."""
-    kind, where = _source_kind(source)
-    if kind == "dir":
-        src = os.path.join(where, filename)
-        if not os.path.isfile(src):
-            raise _FetchError(f"{src} does not exist", retry=False)
-        shutil.copyfile(src, tmp_path)
-        problem = verify_shard(tmp_path)
-        if problem:
-            raise _FetchError(f"{src} {problem}", retry=False)
-        return
-
-    try:
-        with requests.get(f"{where}/{filename}", stream=True, timeout=_download_timeout()) as response:
-            status = response.status_code
-            if status == 429 or status >= 500:
-                raise _FetchError(f"HTTP {status} {response.reason}", wait=_retry_after(response))
-            if status != 200:
-                # 404 and other 4xx (and odd 2xx/3xx) will not change by asking again
-                raise _FetchError(f"HTTP {status} {response.reason} (not retried)", retry=False)
-            size, sha256 = _stated_size_and_sha256(response)
-            digest, received = hashlib.sha256(), 0
-            with open(tmp_path, "wb") as f:
-                for chunk in response.iter_content(chunk_size=DOWNLOAD_CHUNK):
-                    _check_parent_alive()
-                    f.write(chunk)
-                    digest.update(chunk)
-                    received += len(chunk)
-                # on disk before the rename, so that a power cut cannot leave an empty "shard"
-                f.flush()
-                os.fsync(f.fileno())
-    except requests.Timeout as e:
-        raise _FetchError(f"timed out: no data for {_download_timeout():g} s ({type(e).__name__})") from e
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ContentDecodingError) as e:
-        raise _FetchError(f"{type(e).__name__}: {e}") from e
-    except requests.RequestException as e:
-        raise _FetchError(f"{type(e).__name__}: {e} (not retried)", retry=False) from e
-    if size is not None and received != size:
-        raise _FetchError(f"received {received} bytes, the server stated {size}")
-    if sha256 is not None and digest.hexdigest() != sha256:
-        raise _FetchError(f"sha256 {digest.hexdigest()} differs from the server's {sha256}")
-    problem = verify_shard(tmp_path)
-    if problem:
-        raise _FetchError(f"the downloaded file {problem}")
+def _one_line(e):
+    # the clients wrap the error that matters (e.g. a refused connection) as the cause
+    lines = [f"{type(x).__name__}: {(str(x).strip().splitlines() or [''])[0]}" for x in (e, e.__cause__) if x]
+    return lines[0] + (f" ({lines[1]})" if len(lines) > 1 and lines[1] != lines[0] else "")
 
 
 def download_shard(index, source=None, data_dir=None):
-    """Download shard `index` into data_dir (default DATA_DIR) unless a valid copy is there.
+    """Make shard `index` present and valid in data_dir (default DATA_DIR), from `source` (None: the hub).
 
-    The bytes go to `<name>.<pid>.tmp`, are checked (stated size, sha256 when
-    the server gives one, parquet footer with a string column `text`) and only
-    then renamed to the final name, so an interrupted or bad download never
-    looks like a shard; the pid keeps a killed run's leftover apart from a new
-    run's file. A cached file that fails verify_shard() is deleted and fetched
-    again. Connection errors, timeouts, HTTP 5xx and 429 are retried up to
-    DOWNLOAD_ATTEMPTS times, sleeping 2**attempt s between (longer if a
-    Retry-After header asks for it); 404, other 4xx and a missing or invalid
-    file in a local source fail at once.
-
-    Returns:
-        (filename, error): error is None when the shard is in place, else the
-        last failure (str). Nothing partial is left behind on failure.
-    """
-    source = source or BASE_URL
-    filename = shard_filename(index)
-    path = os.path.join(data_dir or DATA_DIR, filename)
+    A cached copy that verify_shard() rejects is fetched again; a fetched file is synced and renamed
+    into place only once verify_shard() accepts it. Returns (filename, None), or (filename, one line of error)."""
+    filename, partial_dir = shard_filename(index), os.path.join(data_dir or DATA_DIR, ".partial")
+    path, partial = os.path.join(data_dir or DATA_DIR, filename), os.path.join(partial_dir, filename)
     if os.path.exists(path):
         if verify_shard(path) is None:
             return filename, None
         os.remove(path)
-    tmp_path = f"{path}.{os.getpid()}.tmp"
-    error = None
-    for attempt in range(1, DOWNLOAD_ATTEMPTS + 1):
-        _check_parent_alive()
-        try:
-            try:
-                _fetch_to(source, filename, tmp_path)
-                os.replace(tmp_path, path)
-                return filename, None
-            except OSError as e:  # local disk trouble: a full disk does not clear up by retrying
-                raise _FetchError(f"{type(e).__name__}: {e}", retry=e.errno != errno.ENOSPC) from e
-        except _FetchError as e:
-            error = str(e)
-            if os.path.exists(tmp_path):
-                os.remove(tmp_path)
-            if not e.retry:
-                break
-            if attempt < DOWNLOAD_ATTEMPTS:
-                time.sleep(max(_backoff_base() ** attempt, e.wait or 0))
-            else:
-                error += f" (after {DOWNLOAD_ATTEMPTS} attempts)"
-    return filename, error
-
-
-def _stated_size(source, filename):
-    """Bytes that `source` states for `filename` (HEAD for http), or None when it does not say or cannot be reached."""
-    kind, where = _source_kind(source)
-    if kind == "dir":
-        path = os.path.join(where, filename)
-        return os.path.getsize(path) if os.path.isfile(path) else None
+    os.makedirs(partial_dir, exist_ok=True)
     try:
-        # the redirect's X-Linked-Size counts even if the storage behind it refuses HEAD
-        with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=_download_timeout()) as response:
-            return _stated_size_and_sha256(response)[0]
-    except requests.RequestException:
+        session, where = _mirror(source) if source else (None, None)
+        if source is None:
+            hf_hub_download(HF_REPO, filename, repo_type="dataset", local_dir=partial_dir)
+        elif session is None:
+            shutil.copyfile(os.path.join(where, filename), partial)
+        else:  # a body cut off mid-way is not retried: the shard fails, a rerun fetches it
+            with session.get(f"{where}/{filename}", stream=True, timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+                r.raise_for_status()
+                with open(partial, "wb") as f:
+                    for chunk in r.iter_content(1 << 20):
+                        f.write(chunk)
+        problem = verify_shard(partial)
+        if problem:
+            return filename, f"the fetched file {problem}"
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())  # on disk before the rename: a power cut cannot leave an empty "shard"
+        os.replace(partial, path)
+        return filename, None
+    except (OSError, httpx.HTTPError, RuntimeError) as e:  # a refused connection closes the hub client's shared session
+        return filename, _one_line(e)
+    finally:
+        if os.path.exists(partial):
+            os.remove(partial)
+
+
+def _stated_size(source, index):
+    """Bytes that `source` states for shard `index` (a HEAD request, not retried), or None."""
+    filename = shard_filename(index)
+    try:
+        if source is None:
+            return get_hf_file_metadata(hf_hub_url(HF_REPO, filename, repo_type="dataset")).size
+        session, where = _mirror(source)
+        if session is None:
+            return os.path.getsize(os.path.join(where, filename))
+        with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT) as r:
+            return int(r.headers["Content-Length"]) if r.ok and r.headers.get("Content-Length", "").isdigit() else None
+    except (OSError, httpx.HTTPError):
         return None
-
-
-def _check_disk_space(indices, source, workers):
-    """Refuse (SystemExit) when the disk holding DATA_DIR cannot hold the shards still to fetch.
-
-    Sizes come from the source for up to DISK_CHECK_SAMPLE shards (HEAD
-    requests, in parallel); the others count as the mean of those, or as
-    SHARD_BYTES_GUESS when the source states no size at all.
-    """
-    sample = [shard_filename(i) for i in indices[:DISK_CHECK_SAMPLE]]
-    with ThreadPoolExecutor(max_workers=max(1, min(workers, len(sample)))) as threads:
-        sizes = [s for s in threads.map(lambda name: _stated_size(source, name), sample) if s is not None]
-    per_shard = sum(sizes) / len(sizes) if sizes else SHARD_BYTES_GUESS
-    needed = sum(sizes) + per_shard * (len(indices) - len(sizes))
-    free = shutil.disk_usage(DATA_DIR).free
-    if needed > free:
-        basis = (f"sizes stated by the source for {len(sizes)} of them" if sizes
-                 else f"about {SHARD_BYTES_GUESS / 1e6:.0f} MB each, the source stated no sizes")
-        raise SystemExit(
-            f"prepare.py: not enough disk space for {DATA_DIR}: {len(indices)} shard(s) to fetch need about "
-            f"{needed / 1e9:.2f} GB ({basis}), but only {free / 1e9:.2f} GB are free there.\n"
-            f"Free some space, ask for fewer shards with --num-shards, or set AUTORESEARCH_CACHE_DIR "
-            f"to a directory on a bigger disk."
-        )
-
-
-def _remove_partial_downloads():
-    # .tmp files are never shards; those of an interrupted or killed run are useless
-    for name in os.listdir(DATA_DIR):
-        if name.startswith("shard_") and name.endswith(".tmp"):
-            os.remove(os.path.join(DATA_DIR, name))
 
 
 def download_data(num_shards, source=None, workers=8):
     """Make training shards 0..num_shards-1 and the validation shard present and valid in DATA_DIR.
 
-    Steps: delete `.tmp` leftovers of interrupted runs; check the cached shards
-    (verify_shard) and delete those that fail; refuse when the disk cannot hold
-    what is missing; fetch the missing shards in a process pool (download_shard)
-    with a progress bar (tqdm, silent when stderr is not a terminal); print one
-    summary of what failed.
-
-    Raises:
-        SystemExit: not enough disk space, or a requested shard could not be
-        fetched; the message names the source and the `--data-url` /
-        `AUTORESEARCH_DATA_URL` override. The tokenizer is then not trained (on
-        a subset it would differ), and a rerun fetches only what is missing.
-    """
-    source = source or BASE_URL
+    Deletes cached shards that fail verify_shard(), refuses when the disk cannot hold the missing ones (sizes
+    the source states for DISK_CHECK_SAMPLE of them), fetches them in `workers` threads. Raises SystemExit for
+    too little disk space or any shard not fetched: one line per distinct failure, then the overrides."""
+    where = source or f"{hf_constants.ENDPOINT}/datasets/{HF_REPO}"
+    partial_dir = os.path.join(DATA_DIR, ".partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)  # an interrupted run's leftovers
     os.makedirs(DATA_DIR, exist_ok=True)
     indices = list(range(num_shards)) + [VAL_SHARD]
     paths = {i: os.path.join(DATA_DIR, shard_filename(i)) for i in indices}
-    _remove_partial_downloads()
     failed = {}
-    try:
-        with Pool(processes=max(1, min(workers, len(indices))), initializer=_init_download_worker) as pool:
-            cached = [i for i in indices if os.path.exists(paths[i])]
-            for i, problem in zip(cached, pool.map(verify_shard, [paths[i] for i in cached])):
-                if problem:
-                    print(f"{shard_filename(i)}: the cached file {problem}; deleting it and fetching it again")
-                    os.remove(paths[i])
-            missing = [i for i in indices if not os.path.exists(paths[i])]
-            print(f"{len(indices) - len(missing)}/{len(indices)} shards already in {DATA_DIR}")
-            if missing:
-                _check_disk_space(missing, source, workers)
-                print(f"Downloading {len(missing)} shards from {source} ({workers} workers)")
-                fetch = functools.partial(download_shard, source=source, data_dir=DATA_DIR)
-                bar = tqdm(pool.imap_unordered(fetch, missing), total=len(missing), desc="Downloading", unit="shard",
-                           disable=None)
-                for filename, error in bar:
-                    if error is not None:
-                        failed[filename] = error
-    except KeyboardInterrupt:
-        _remove_partial_downloads()  # the pool is terminated by now, so no worker still writes them
-        raise
-
-    ready_train = [i for i in indices[:-1] if os.path.exists(paths[i])]
-    print(f"{len(indices) - len(failed)}/{len(indices)} shards ready in {DATA_DIR}")
+    with ThreadPool(max(1, min(workers, len(indices)))) as pool:  # daemon threads: Ctrl-C or a kill stops them too
+        cached = [i for i in indices if os.path.exists(paths[i])]
+        for i, problem in zip(cached, pool.map(verify_shard, [paths[i] for i in cached])):
+            if problem:
+                print(f"{shard_filename(i)}: the cached file {problem}; deleting it and fetching it again")
+                os.remove(paths[i])
+        missing = [i for i in indices if not os.path.exists(paths[i])]
+        print(f"{len(indices) - len(missing)}/{len(indices)} shards already in {DATA_DIR}")
+        if missing:
+            sizes = [s for s in pool.map(functools.partial(_stated_size, source), missing[:DISK_CHECK_SAMPLE]) if s]
+            per_shard = sum(sizes) / len(sizes) if sizes else SHARD_BYTES_GUESS
+            needed, free = sum(sizes) + per_shard * (len(missing) - len(sizes)), shutil.disk_usage(DATA_DIR).free
+            if needed > free:
+                basis = (f"sizes stated by the source for {len(sizes)} of them" if sizes
+                         else f"about {SHARD_BYTES_GUESS / 1e6:.0f} MB each, the source stated no sizes")
+                raise SystemExit(f"prepare.py: not enough disk space for {DATA_DIR}: {len(missing)} shard(s) to "
+                                 f"fetch need about {needed / 1e9:.2f} GB ({basis}), only {free / 1e9:.2f} GB are "
+                                 f"free. Free some space, ask for fewer --num-shards or move AUTORESEARCH_CACHE_DIR.")
+            print(f"Downloading {len(missing)} shards from {where} ({workers} workers)")
+            fetch = functools.partial(download_shard, source=source, data_dir=DATA_DIR)
+            for filename, error in tqdm(pool.imap_unordered(fetch, missing), total=len(missing), desc="Downloading",
+                                        unit="shard", disable=None):
+                if error is not None:
+                    failed.setdefault(error.replace(filename, "*"), []).append(filename)  # the same failure
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    count = sum(map(len, failed.values()))
+    print(f"{len(indices) - count}/{len(indices)} shards ready in {DATA_DIR}")
     if not failed:
         return
-    lines = "\n".join(f"  {name}: {error}" for name, error in sorted(failed.items())[:10])
-    more = f"\n  ... and {len(failed) - 10} more" if len(failed) > 10 else ""
-    summary = (
-        f"prepare.py: could not fetch {len(failed)} of {len(indices)} shard(s) from {source}:\n{lines}{more}\n"
-        f"If that source is unreachable or lacks these files, point --data-url or AUTORESEARCH_DATA_URL at a mirror "
-        f"(an http(s) URL, a file:// URL or a local directory holding the same shard names). "
-        f"Shards already fetched are kept: rerunning prepare.py fetches only the missing ones."
-    )
-    fatal = []
+    lines = [f"prepare.py: could not fetch {count} of {len(indices)} shard(s) from {where}:"]
+    lines += [f"  {min(names)}{f' and {len(names) - 1} more' if len(names) > 1 else ''}: {error}"
+              for error, names in sorted(failed.items(), key=lambda item: min(item[1]))[:10]]
+    lines.append("Point --data-url or AUTORESEARCH_DATA_URL at a mirror (an http(s) URL, a file:// URL or a directory "
+                 "holding the same shard names), or HF_ENDPOINT at a mirror of the hub. Rerunning prepare.py keeps "
+                 "the shards fetched and fetches only the missing ones.")
     if not os.path.exists(paths[VAL_SHARD]):
-        fatal.append(f"The validation shard {VAL_FILENAME} is missing: nothing can be evaluated without it.")
-    if not ready_train:
-        fatal.append("No training shard is ready.")
-    raise SystemExit("\n".join([summary, *fatal]))
+        lines.append(f"The validation shard {VAL_FILENAME} is missing: nothing can be evaluated without it.")
+    if not any(os.path.exists(paths[i]) for i in indices[:-1]):
+        lines.append("No training shard is ready.")
+    raise SystemExit("\n".join(lines))
 
 
 def list_parquet_files():
-    """Sorted paths of the shards in DATA_DIR (no .tmp files).
-
-    Raises:
-        SystemExit: no shards are there, with the command that makes them.
-    """
+    """Sorted paths of the shards in DATA_DIR; SystemExit saying to run prepare.py when there are none."""
     names = sorted(f for f in os.listdir(DATA_DIR) if f.endswith(".parquet")) if os.path.isdir(DATA_DIR) else []
     if not names:
         raise SystemExit(f"No data shards in {DATA_DIR}: run `uv run prepare.py` first.")
@@ -1028,8 +852,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Download ClimbMix shards and train the autoresearch tokenizer.")
     parser.add_argument("--num-shards", type=int, default=10, help="training shards to download, -1 for all (default 10)")
     parser.add_argument("--download-workers", type=int, default=8, help="parallel downloads (default 8)")
-    parser.add_argument("--data-url", default=os.environ.get("AUTORESEARCH_DATA_URL", BASE_URL),
-                        help="shard source: http(s) URL, file:// URL or local directory (env AUTORESEARCH_DATA_URL)")
+    parser.add_argument("--data-url", default=os.environ.get("AUTORESEARCH_DATA_URL") or None,
+                        help="shard source instead of the hub: an http(s) URL, a file:// URL or a local directory "
+                             "holding the same shard names (env AUTORESEARCH_DATA_URL; HF_ENDPOINT names a hub mirror)")
     args = parser.parse_args()
     num_shards = MAX_SHARD if args.num_shards == -1 else args.num_shards
     if not 1 <= num_shards <= MAX_SHARD:

@@ -10,10 +10,13 @@ effects add up (keeping ideas with effects d1 and d2 moves the true val_bpb by
 d1 + d2). Every run of a piece of code returns its true val_bpb plus Gaussian
 noise of standard deviation sigma, independent between runs. A budget of 100
 runs counts every run: baselines, repeats and re-measurements. An idea still
-being measured when the budget runs out is not kept. Three rules:
+being measured when the budget runs out is not kept. The rules:
 
 (a) greedy, the reference: run the baseline once; run each idea once; keep it
     when its value is below the last kept run's value.
+(a3) greedy after a baseline run three times, program.md's default: as (a), but
+    the first idea must beat the mean of the baseline's three runs (which also
+    measure the noise floor).
 (b) three runs and a bootstrap test: run the baseline three times; run an idea
     once and discard it when that run is worse than the mean of the best's
     three runs; otherwise run it twice more and keep it when a one-sided 95%
@@ -21,7 +24,7 @@ being measured when the budget runs out is not kept. Three rules:
     mean differences below zero is at least 0.95; the bootstrap distribution is
     enumerated exactly: 27 x 27 equally likely resample pairs). A kept idea's
     three runs become the best's.
-(c) sequential, ours (program.md): the baseline runs three times (that also
+(c) sequential, program.md's "careful mode": the baseline runs three times (that also
     measures the noise floor sigma); an idea's mean is compared with the best's
     mean, with se = sigma * sqrt(1/n_idea + 1/n_best). After each run of an
     idea, with diff = mean(idea) - mean(best):
@@ -153,14 +156,23 @@ class Loop:
         self.d[mask] = self.draw(int(mask.sum()))
 
 
-def rule_greedy(loop):
-    """(a) The reference: one run per idea, keep any value below the last kept run."""
+def rule_greedy(loop, baseline_runs=1):
+    """(a) The reference: one run per idea, keep any value below the best's value.
+
+    baseline_runs=1 is the reference (the best's value is the last kept run); baseline_runs=3 is program.md's
+    default, (a3): the baseline runs three times and its mean is the value the first idea must beat.
+    """
     for _ in range(BUDGET):
-        decided = loop.n_best > 0  # after the baseline run, every run is an idea's, decided at once
+        decided = (loop.keeps > 0) | (loop.n_best >= baseline_runs)  # after the baseline, every run is an idea's
         obs = loop.run(decided)
-        better = obs < loop.sum_best  # the last kept run's value
+        better = obs < loop.best_mean()  # the mean of the best's runs: after a keep, its one run
         loop.keep(decided & better, only_last=obs)
         loop.discard(decided & ~better)
+
+
+def rule_greedy3(loop):
+    """(a3) program.md's default: greedy after a baseline measured three times."""
+    rule_greedy(loop, baseline_runs=3)
 
 
 # every way to resample 3 values with replacement: 27 index triples, equally likely
@@ -195,9 +207,9 @@ def rule_bootstrap(loop, level=0.95):
 
 @dataclass
 class RuleC:
-    """(c) Sequential, program.md's rule; thresholds in standard errors of the difference of means.
+    """(c) Sequential, program.md's careful mode; thresholds in standard errors of the difference of means.
 
-    The defaults are program.md's. The other knobs are the variants we tried: re-measuring a newly kept
+    The defaults are careful mode's. The other knobs are the variants we tried: re-measuring a newly kept
     best (fresh_runs) and re-running the best instead of an ambiguous idea (remeasure).
     """
     baseline_runs: int = 3    # setup: the baseline three times (this also measures the noise floor)
@@ -230,7 +242,8 @@ def rule_c():
     return RuleC()
 
 
-RULES = {"a greedy": rule_greedy, "b 3 runs + bootstrap": rule_bootstrap, "c sequential": rule_c()}
+RULES = {"a greedy": rule_greedy, "a3 greedy, baseline x3": rule_greedy3, "b 3 runs + bootstrap": rule_bootstrap,
+         "c sequential": rule_c()}
 
 
 def simulate(rule, sigma, dist, scale, reps, seed):

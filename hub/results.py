@@ -1,46 +1,56 @@
-"""The result lines agents post to the hub's `results` channel, parsed once into structured rows.
+"""The result lines agents post to the hub's `results` channel, parsed once into structured rows, and the value
+of a commit on a platform (the mean of its results there).
 
-An agent posts one line per run (AGENTHUB.md, "What the agent does"):
+An agent posts one line per run (program_agenthub.md):
 
     commit:<7-char hash> platform:<platform> val_bpb:<value> vram_gb:<value> | <description>
 
 A discarded run carries `(DISCARD)` in its description; a crash has `val_bpb:---` `vram_gb:---` and
-`(CRASH: <reason>)`. Everything else that parses is a kept run. A line that does not have this shape is
-kept as an `unparsed` row holding the raw text: agents are programs that make mistakes, and a mistake must
-show on the page, never vanish and never break it.
+`(CRASH: <reason>)`. Everything else that parses is a kept run. A line that does not have this shape, or
+whose numbers are out of range, is kept as an `unparsed` row holding the raw text: agents are programs that
+make mistakes, and a mistake must show on the page, never vanish and never break it.
 """
 
 import math
 import re
+import statistics
+from collections import namedtuple
 
 # ---------------------------------------------------------------------------------------------------------
 # The line format
 
 # A hash is what `git rev-parse --short` prints (7 by default, longer when ambiguous, up to the full 40).
-# Platforms are one short word (H100, A100, 4090, M4-Max): a safe alphabet, because the name goes into URLs.
-# The four fields are separated by whitespace; the description follows the first '|'.
+# Platforms are the slug train.py prints (`h100-80gb-hbm3`, `cpu-amd-epyc-2c`, `apple-m2-max`: at most 40
+# characters) or one short word from before the slugs (H100, 4090, M4-Max): a safe alphabet, because the
+# name goes into URLs. The four fields are separated by whitespace; the description follows the first '|'.
 LINE = re.compile(
     r"""^\s*commit:(?P<commit>[0-9a-fA-F]{4,40})
-        \s+platform:(?P<platform>[A-Za-z0-9][A-Za-z0-9._+-]{0,31})
+        \s+platform:(?P<platform>[A-Za-z0-9][A-Za-z0-9._+-]{0,39})
         \s+val_bpb:(?P<val_bpb>\S+)
         \s+vram_gb:(?P<vram_gb>\S+)
         \s*\|(?P<description>.*)$""",
     re.VERBOSE,
 )
 MISSING = "---"                # the value of val_bpb and vram_gb in a crash line
-DISCARD = re.compile(r"\(\s*DISCARD\b", re.IGNORECASE)   # "(DISCARD)", also "(discard: worse than parent)"
-CRASH = re.compile(r"\(\s*CRASH\b", re.IGNORECASE)       # "(CRASH: OOM)"
+# the markers need their parenthesis: "discarded the old schedule" in a kept run's description is not one
+DISCARD = re.compile(r"\(\s*DISCARD(?:ED)?\b", re.IGNORECASE)   # "(DISCARD)", "(discard: worse than parent)"
+CRASH = re.compile(r"\(\s*CRASH(?:ED)?\b", re.IGNORECASE)       # "(CRASH: OOM)"
+VAL_BPB_MAX = 100.0            # bits per byte; an untrained byte model scores 8. Above this (1.7e308, say) a
+                               # value is a typo or an attack, and it would wreck every chart's axis
+VRAM_GB_MAX = 100_000.0        # GB; no accelerator holds 100 TB
 MAX_LINE = 2000                # characters of a raw line kept in a row; posts are bounded by the hub anyway
+SURROGATE = re.compile("[\ud800-\udfff]")   # a lone surrogate (JSON allows "\ud800") cannot be stored as UTF-8
 STATUSES = ("keep", "discard", "crash", "unparsed")
+KEY_CHARS = 7                  # two results name one commit when their hashes agree on git's short length
 
 
-def _number(text):
-    """A finite float >= 0 from `text`, or None (for '---', 'nan', 'inf', '-1', '1e999', garbage)."""
+def _number(text, high):
+    """A finite float in [0, high] from `text`, or None (for '---', 'nan', 'inf', '-1', '1e999', garbage)."""
     try:
         value = float(text)
     except ValueError:
         return None
-    return value if math.isfinite(value) and value >= 0 else None
+    return value if math.isfinite(value) and 0 <= value <= high else None
 
 
 def parse_line(line):
@@ -48,21 +58,23 @@ def parse_line(line):
 
     Returns a dict with keys commit (str, lower-case, or None), platform (str or None), val_bpb and vram_gb
     (float or None), description (str: the text after '|', stripped), status (one of STATUSES) and raw
-    (the line, stripped, cut at MAX_LINE characters).
+    (the line, stripped, cut at MAX_LINE characters, a lone surrogate replaced by U+FFFD).
 
-    - keep: both numbers parse (val_bpb > 0) and the description has neither marker;
-    - discard: both numbers parse (val_bpb > 0) and the description holds "(DISCARD";
+    - keep: both numbers parse, 0 < val_bpb <= VAL_BPB_MAX, 0 <= vram_gb <= VRAM_GB_MAX (or '---'), and the
+      description has neither marker;
+    - discard: the same, and the description holds "(DISCARD";
     - crash: the description holds "(CRASH", or val_bpb is '---'; the numbers are then None
       (a crash has no result, whatever the line says);
-    - unparsed: anything else (wrong shape, a value that is neither a number nor '---', val_bpb of 0).
+    - unparsed: anything else (wrong shape, a value that is neither a number nor '---', val_bpb of 0 or
+      out of range).
     """
-    raw = str(line).strip()[:MAX_LINE]
+    raw = SURROGATE.sub("\ufffd", str(line).strip()[:MAX_LINE])
     row = dict(commit=None, platform=None, val_bpb=None, vram_gb=None, description="", status="unparsed", raw=raw)
     m = LINE.match(raw)
     if m is None:
         return row
     description = m["description"].strip()
-    val_bpb, vram_gb = _number(m["val_bpb"]), _number(m["vram_gb"])
+    val_bpb, vram_gb = _number(m["val_bpb"], VAL_BPB_MAX), _number(m["vram_gb"], VRAM_GB_MAX)
     if CRASH.search(description) or m["val_bpb"] == MISSING:
         if m["val_bpb"] != MISSING and val_bpb is None:
             return row   # neither a number nor the crash marker: not a line we understand
@@ -84,3 +96,28 @@ def parse_post(content):
     """
     lines = [line for line in str(content).splitlines() if line.strip()]
     return [parse_line(line) for line in lines] or [parse_line("")]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A commit's value on a platform
+
+Value = namedtuple("Value", "mean n sd")   # val_bpb: mean of n results, their sample standard deviation
+
+
+def commit_values(results):
+    """The value of each commit: the mean of its finished results (keep or discard; crashes have none).
+
+    results: iterable of (commit, val_bpb) pairs of ONE platform, val_bpb a float or None (a crash: skipped);
+    commit as posted (any case, 4 to 40 hex digits). Two hashes name the same commit when they agree on their
+    first KEY_CHARS digits (a longer hash is the same short hash written out further). Returns {key: Value}
+    in the order of each commit's first finished result, key = the hash's first KEY_CHARS digits, lower-case;
+    Value(mean, n, sd) with sd the sample standard deviation (0.0 when n == 1), all val_bpb units.
+
+    The hub's page uses it (hub/dashboard.py) for every value it shows of a commit.
+    """
+    runs = {}
+    for commit, val_bpb in results:
+        if commit and val_bpb is not None:
+            runs.setdefault(commit[:KEY_CHARS].lower(), []).append(val_bpb)
+    return {key: Value(statistics.fmean(v), len(v), statistics.stdev(v)) if len(v) > 1 else Value(v[0], 1, 0.0)
+            for key, v in runs.items()}

@@ -9,9 +9,17 @@ do not depend on the machine.
 import os
 import random
 import sys
+import tempfile
 
 os.environ["AUTORESEARCH_DEVICE"] = "cpu"
 os.environ["AUTORESEARCH_PRECISION"] = "fp32"
+# The hub client never reaches the internet from a test: offline, an endpoint on a closed loopback port, no token,
+# no telemetry (it would ask the endpoint for its agent registry), and its cache in a temporary directory instead
+# of ~/.cache. Tests that use a loopback fake hub (tests/test_download.py) turn it back online for themselves.
+os.environ.update(HF_HUB_OFFLINE="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_DISABLE_TELEMETRY="1",
+                  HF_HOME=tempfile.mkdtemp(prefix="hf_home_"))
+for _name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HF_TOKEN_PATH", "AUTORESEARCH_DATA_URL"):
+    os.environ.pop(_name, None)
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

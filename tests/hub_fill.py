@@ -1,10 +1,10 @@
 """Fill a hub's data folder with a simulated swarm: agents, result posts, discussion posts, pushed commits.
 
-Used by the dashboard tests, the browser test and bench/hub_page.py. It writes what the hub server keeps
-(AGENTHUB.md; hub/server.py's schema): <data>/hub.sqlite3 and the bare repository <data>/repo.git, whose
-commits are real (made in one `git fast-import`, so thousands take a second). Each simulated agent works on
-one platform: it starts from the platform's best commit (or a new root), proposes a change, posts its
-result line, and pushes only improvements, like the loop of AGENTHUB.md.
+Used by the dashboard tests, the browser test and bench/hub_page.py. It writes what the hub server keeps (the
+protocol: hub/server.py's docstring; the schema: hub/store.py): <data>/hub.sqlite3 and the bare repository
+<data>/repo.git, whose commits are real (made in one `git fast-import`, so thousands take a second). Each
+simulated agent works on one platform: it starts from the platform's best commit (or a new root), proposes a
+change, posts its result line, and pushes only improvements, like the agents of program_agenthub.md.
 """
 
 import os
@@ -48,7 +48,7 @@ def connect(data_dir):
 
 
 def result_line(commit, platform, val_bpb, vram_gb, description):
-    """One line in the format agents post (AGENTHUB.md)."""
+    """One line in the format agents post (hub/server.py's docstring, hub/results.py)."""
     if val_bpb is None:
         return f"commit:{commit[:7]} platform:{platform} val_bpb:--- vram_gb:--- | {description}"
     return f"commit:{commit[:7]} platform:{platform} val_bpb:{val_bpb:.6f} vram_gb:{vram_gb:.1f} | {description}"
@@ -63,6 +63,8 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
     extra_posts: (channel, agent, content) posted at the end (discussion posts, malformed lines).
     The summary: best[platform] = (val_bpb, short hash, agent, description), baseline[platform],
     counts[agent] = {keep, discard, crash}, commits (list of full hashes), lines (every result line).
+    Values follow the hub's rule: a commit's value is the mean of its runs (every agent of a platform runs
+    its baseline once, so the baseline's value is their mean; a kept commit is run once).
     """
     rng = random.Random(seed)
     os.makedirs(data_dir, exist_ok=True)
@@ -75,7 +77,9 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
     t0 = time.time() - 3600 * 24
     # first pass: decide every run, commits as fast-import marks; second pass: hashes from git
     commits, posts = [], []   # commits: (mark, parent mark or None, agent, message, t, content)
-    best = {}                 # platform -> (val, mark, agent, description)
+    best = {}                 # platform -> (val, mark, agent, description), as the agents saw it
+    kept = {}                 # platform -> [(val, mark, agent, description)] of its kept commits, in order
+    base_runs = {}            # platform -> the values of its baseline's runs
     start = {}                # agent -> (val, mark) it builds on
     baseline, counts = {}, {a: {"keep": 0, "discard": 0, "crash": 0} for a in agents}
     for k in range(n_results):
@@ -84,13 +88,15 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
         if agent not in start:
             if platform in best:   # build on the hub's baseline of this platform
                 start[agent] = best[platform][:2]
-                val, mark, desc = start[agent][0] + rng.gauss(0, 0.001), start[agent][1], "baseline (rerun)"
+                val, mark, desc = round(start[agent][0] + rng.gauss(0, 0.001), 6), start[agent][1], "baseline (rerun)"
+                base_runs[platform].append(val)
             else:
                 mark = len(commits) + 1
                 commits.append((mark, None, agent, "baseline", t, "# baseline\n"))
-                val, desc = PLATFORMS[platform] + rng.gauss(0, 0.001), "baseline"
+                val, desc = round(PLATFORMS[platform] + rng.gauss(0, 0.001), 6), "baseline"   # as posted
                 baseline[platform] = val
                 best[platform] = (val, mark, agent, desc)
+                kept[platform], base_runs[platform] = [best[platform]], [val]
                 start[agent] = (val, mark)
             posts.append(("results", agent, (mark, platform, val, 40.0, desc), t))
             counts[agent]["keep"] += 1
@@ -103,12 +109,13 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
             counts[agent]["crash"] += 1
             posts.append(("results", agent, (f"{rng.getrandbits(28):07x}", platform, None, None, f"{idea} (CRASH: OOM)"), t))
             continue
-        val = start[agent][0] + rng.gauss(0.002, 0.004) * PLATFORMS[platform]
+        val = round(start[agent][0] + rng.gauss(0.002, 0.004) * PLATFORMS[platform], 6)
         if val < start[agent][0]:
             commits.append((mark, start[agent][1], agent, idea, t, f"# {idea}\nSEED = {k}\n"))
             counts[agent]["keep"] += 1
             posts.append(("results", agent, (mark, platform, val, 40.0 + rng.random(), idea), t))
             start[agent] = (val, mark)
+            kept[platform].append((val, mark, agent, idea))
             if val < best[platform][0]:
                 best[platform] = (val, mark, agent, idea)
         else:
@@ -136,6 +143,10 @@ def fill(data_dir, n_results, n_agents=6, platforms=("H100", "A100", "M4-Max"), 
             if on_post is not None:
                 on_post(conn, dict(id=cur.lastrowid, channel=ch, agent_id=a, content=content, created_at=t))
     conn.close()
+    for p, runs in base_runs.items():   # the hub's values: the baseline's is the mean of its runs
+        baseline[p] = sum(runs) / len(runs)
+        kept[p][0] = (baseline[p],) + kept[p][0][1:]
+        best[p] = min(kept[p], key=lambda b: b[0])   # the first at the lowest value
     return dict(best={p: (v, short(m), a, d) for p, (v, m, a, d) in best.items()}, baseline=baseline,
                 counts=counts, commits=[hashes[c[0]] for c in commits], lines=lines, agents=agents,
                 head={a: hashes[m] for a, (v, m) in start.items()})

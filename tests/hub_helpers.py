@@ -1,6 +1,7 @@
 """Helpers for the hub tests: agents' git repositories and a hub server in a subprocess (loopback only)."""
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -63,15 +64,50 @@ def free_port():
         return s.getsockname()[1]
 
 
-class HubProcess:
-    """`python hub/server.py --data DIR --port PORT` as a subprocess; env adds variables (HUB_CRASH_AT)."""
+def pack_bundle(repo, head, extra=()):
+    """A bundle of head's history (ref refs/heads/agenthub) whose pack also holds the objects `extra`."""
+    objects = run_git(repo, "rev-list", "--objects", head).split("\n") + list(extra)
+    pack = subprocess.run(["git", "-C", str(repo), "pack-objects", "-q", "--stdout"], input="\n".join(objects).encode()
+                          + b"\n", capture_output=True, check=True).stdout
+    return f"# v2 git bundle\n{head} refs/heads/agenthub\n\n".encode() + pack
 
-    def __init__(self, data, env=None, args=()):
+
+def fake_git(directory, command, child=False):
+    """A `git` in directory that, for `git ... <command> ...`, writes its pid to directory/pid and sleeps a
+    minute (with child: first starts a child of its own that holds stdout too, as `git bundle create` runs
+    `git pack-objects`, and that creates directory/child.done if it lives 20 s); any other command runs the
+    real git.
+    Put directory first on PATH. Returns the path of the pid file."""
+    real = subprocess.run(["sh", "-c", "command -v git"], capture_output=True, text=True, check=True).stdout.strip()
+    spawn = f'(sleep 20; touch "{directory}/child.done") & ' if child else ""
+    path = os.path.join(directory, "git")
+    with open(path, "w") as f:
+        f.write(f'#!/bin/sh\nfor a in "$@"; do if [ "$a" = {command} ]; then {spawn}echo $$ > "{directory}/pid"; '
+                f'exec sleep 60; fi; done\nexec {real} "$@"\n')
+    os.chmod(path, 0o755)
+    return os.path.join(directory, "pid")
+
+
+def alive(pid):
+    """Whether process pid exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+class HubProcess:
+    """`python hub/server.py --data DIR --port PORT` as a subprocess; env adds variables (HUB_CRASH_AT);
+    files caps its file descriptors (RLIMIT_NOFILE, soft and hard)."""
+
+    def __init__(self, data, env=None, args=(), files=None):
         self.data, self.port = str(data), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        limit = (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (files, files))) if files else None
         self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "hub", "server.py"), "--data", self.data,
                                       "--port", str(self.port), *args], env=dict(os.environ, **(env or {})),
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, preexec_fn=limit)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -83,10 +119,11 @@ class HubProcess:
                 time.sleep(0.05)
 
     def kill(self):
-        """SIGKILL, like a power cut for the process (not for the page cache)."""
+        """SIGKILL, like a power cut for the process (not for the page cache); self.log: what it printed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
+        self.log = self.proc.stdout.read()
         self.proc.stdout.close()
 
     def register(self, name):

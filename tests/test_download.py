@@ -1,24 +1,22 @@
-"""prepare.py's download under faults, against a loopback HTTP server that misbehaves on request.
+"""prepare.py's download under faults, against a loopback server that plays the Hugging Face hub or a plain mirror.
 
-Cases and the outcome asserted (in every case the cache ends up holding only
-shards that verify: no .tmp, no partial or corrupt file):
-  drop mid-body, body shorter than Content-Length, 500/503, 429 with Retry-After,
-  stall past the timeout (before headers or mid-body), corrupt parquet with 200,
-  HF-style X-Linked-Size / X-Linked-Etag mismatch
-      -> retried (429 waits as long as Retry-After says); once: fetched on the
-         next attempt; always: the shard fails after 5 attempts
-  404, 403                      -> the shard fails at once, one request
-  corrupt file already cached   -> deleted and fetched again
-  prepare.py with failed shards -> one summary naming the source and the
-      override; exit 1 when the validation shard or every training shard is
-      missing, else exit 0 and tokenizer training on the shards that are there
-  not enough disk space         -> refused before any download
-  Ctrl-C -> exit 130; SIGKILL -> orphaned workers stop; a rerun completes,
-      fetching only what is missing
-Sleeps are kept short through AUTORESEARCH_BACKOFF_BASE and
-AUTORESEARCH_DOWNLOAD_TIMEOUT; the defaults are not changed.
+The server answers the hub's resolve endpoint (/datasets/<repo>/resolve/main/<file>: HEAD with the headers
+huggingface_hub reads, X-Repo-Commit, ETag and Content-Length; GET with Range support, so the client can
+resume) and a plain mirror (/<file>). Each request can be scripted to misbehave. Outcomes asserted, and in
+every case the data directory ends up holding only shards that verify (nothing partial or corrupt):
+  hub: a short body or a stall -> huggingface_hub resumes (Range) and the shard arrives; 5xx or 429 on the
+       metadata request, 429 on the download -> retried, Retry-After honoured; a connection reset mid-body
+       or 5xx on the download (the library retries neither), a size that differs from the stated one,
+       garbage of the right size, 404, offline, unreachable -> the shard fails with one line;
+       HF_TOKEN is sent as `Authorization: Bearer`
+  mirror (--data-url http://...): connection errors, 5xx and 429 -> urllib3 retries (Retry-After honoured,
+       up to RETRY_AFTER_MAX); a body cut off mid-way, garbage, 404/403 -> the shard fails with one line
+  prepare.py as a program -> one summary line per distinct failure naming the source and the overrides;
+       exit 1 when a shard is missing; a disk too small refused before any download; Ctrl-C -> exit 130,
+       SIGKILL -> no download goes on; a rerun fetches only what is missing; HF_ENDPOINT end to end.
+Sleeps are recorded instead of slept in this process (time.sleep is replaced); prepare.py runs in a
+subprocess only where the library's waits are short.
 """
-import hashlib
 import os
 import signal
 import socket
@@ -30,34 +28,33 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from huggingface_hub import constants as hf_constants
 
 import prepare
-from conftest import ROOT, make_documents, write_shard
+from conftest import ROOT, make_documents, point_prepare_at, write_shard
 
-TIMEOUT = 0.5  # seconds, the client's network timeout in the in-process tests
-PROGRAM_TIMEOUT = 2  # the same for prepare.py runs, which compete with this process for the CPU
+HUB_PREFIX = f"/datasets/{prepare.HF_REPO}/resolve/main/"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 STALL = 10     # seconds a stalling handler waits at most (until the test ends)
-
-# A fault is one answer to one GET. Transient faults are retried; the rest fail at once.
-TRANSIENT_FAULTS = ["drop", "short", "500", "503", "429", "stall_headers", "stall_body", "corrupt"]
 
 
 class FaultServer:
-    """Serves files by name on 127.0.0.1; `script(name, *answers)` decides successive GETs.
+    """Serves files by name on 127.0.0.1, as the hub (`hub_url`) and as a plain mirror (`url`).
 
-    Answers: "ok"; "drop" (half the body, then a TCP reset); "short" (fewer bytes
-    than Content-Length, then a clean close); "500"/"503"; "429" or ("429", value)
-    with a Retry-After header; "404"/"403"; "stall_headers"/"stall_body" (no
-    data until the test ends); "corrupt" (garbage of the right length, status
-    200); "trickle" (the body a little at a time until the test releases it);
-    ("linked", size, sha256) (a Hugging Face style redirect carrying
-    X-Linked-Size / X-Linked-Etag to the real bytes). The last answer repeats.
+    `script(name, *answers, method="GET")` decides successive requests of that method for that file; the
+    last answer repeats. GET answers: "ok"; "drop" (half of what was asked, then a TCP reset); "short"
+    (100 bytes fewer than Content-Length, then a clean close); "500"/"503"; "429" or ("429", value) with
+    a Retry-After header; "404"/"403"; "stall_headers"/"stall_body" (no data, or half the body, then nothing
+    until the test ends);
+    "corrupt" (zeros of the right length); "trickle" (16 bytes every 50 ms, never the last byte, until the
+    test releases it). HEAD answers (hub metadata): "ok", "500"/"503", "429"/("429", value), "404",
+    ("size", n) (states n bytes). "ok" answers a Range request with 206 and the rest of the file.
     """
 
     def __init__(self):
         self.files = {}
         self.scripts = {}
-        self.log = []            # (method, path) of every request, in order
+        self.log = []            # (method, path, Range header, Authorization header) of every request
         self.trickled = 0        # body bytes sent by "trickle" answers
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -66,105 +63,128 @@ class FaultServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
         threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
-    def script(self, name, *answers):
-        self.scripts[name] = list(answers)
+    def script(self, name, *answers, method="GET"):
+        self.scripts[method, name] = list(answers)
+
+    def requests(self, method, name):
+        """Requests of `method` for file `name`, by either route."""
+        return [entry for entry in self.log if entry[0] == method and entry[1].rsplit("/", 1)[-1] == name]
 
     def gets(self, name):
-        return sum(1 for method, path in self.log if method == "GET" and path == "/" + name)
+        return len(self.requests("GET", name))
 
     def close(self):
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def _next_answer(self, name):
+    def _next_answer(self, method, name):
         with self.lock:
-            answers = self.scripts.get(name) or ["ok"]
+            answers = self.scripts.get((method, name)) or ["ok"]
             return answers.pop(0) if len(answers) > 1 else answers[0]
 
     def _handler(self):
         server = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as the hub; every answer states its length or closes
+
             def log_message(self, *args):
                 pass
 
-            def _send_head(self, status, body_len=None, headers=()):
+            def _send_head(self, status, length=0, headers=()):
                 self.send_response(status)
                 for key, value in headers:
                     self.send_header(key, value)
-                if body_len is not None:
-                    self.send_header("Content-Length", str(body_len))
+                self.send_header("Content-Length", str(length))
                 self.end_headers()
 
+            def _route(self):
+                server.log.append((self.command, self.path, self.headers.get("Range"),
+                                   self.headers.get("Authorization")))
+                hub = self.path.startswith(HUB_PREFIX)
+                name = self.path[len(HUB_PREFIX):] if hub else self.path.lstrip("/")
+                answer = server._next_answer(self.command, name)
+                return hub, name, server.files.get(name), answer, answer[0] if isinstance(answer, tuple) else answer
+
+            def _status(self, kind, answer, hub):
+                if kind in ("500", "503", "403"):
+                    self._send_head(int(kind))
+                elif kind == "404":  # the hub says which kind of 404
+                    self._send_head(404, headers=[("X-Error-Code", "EntryNotFound")] if hub else [])
+                elif kind == "429":
+                    self._send_head(429, headers=[("Retry-After", answer[1] if isinstance(answer, tuple) else "0")])
+                else:
+                    return False
+                return True
+
             def do_HEAD(self):
-                server.log.append(("HEAD", self.path))
-                body = server.files.get(self.path.lstrip("/"))
-                self._send_head(200 if body is not None else 404, len(body) if body is not None else 0)
+                hub, name, body, answer, kind = self._route()
+                if body is None:
+                    kind = "404"
+                if self._status(kind, answer, hub):
+                    return
+                size = answer[1] if kind == "size" else len(body)
+                self._send_head(200, size, [("ETag", f'"{name}-etag"'), ("X-Repo-Commit", COMMIT),
+                                            ("Accept-Ranges", "bytes")])
 
             def do_GET(self):
-                server.log.append(("GET", self.path))
-                if self.path.startswith("/blobs/"):  # target of a "linked" redirect
-                    body = server.files[self.path[len("/blobs/"):]]
-                    self._send_head(200, len(body))
-                    self.wfile.write(body)
+                hub, name, body, answer, kind = self._route()
+                if body is None:
+                    kind = "404"
+                if self._status(kind, answer, hub):
                     return
-                name = self.path.lstrip("/")
-                body = server.files.get(name)
-                answer = server._next_answer(name)
-                kind = answer[0] if isinstance(answer, tuple) else answer
-                if body is None or kind in ("404", "403"):
-                    self._send_head(int(kind) if kind in ("404", "403") else 404, 0)
-                elif kind == "ok":
-                    self._send_head(200, len(body))
-                    self.wfile.write(body)
-                elif kind in ("500", "503"):
-                    self._send_head(int(kind), 0)
-                elif kind == "429":
-                    retry_after = answer[1] if isinstance(answer, tuple) else "0"
-                    self._send_head(429, 0, [("Retry-After", retry_after)])
+                start = 0
+                if self.headers.get("Range", "").startswith("bytes="):
+                    start = int(self.headers["Range"][len("bytes="):].split("-")[0])
+                rest = body[start:]
+                range_headers = [("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")] if start else []
+                status = 206 if start else 200
+                if kind == "ok":
+                    self._send_head(status, len(rest), range_headers)
+                    self.wfile.write(rest)
                 elif kind == "drop":
-                    self._send_head(200, len(body))
-                    self.wfile.write(body[: len(body) // 2])
+                    self._send_head(status, len(rest), range_headers)
+                    self.wfile.write(rest[: len(rest) // 2])
+                    self.wfile.flush()
                     # SO_LINGER 0: close() sends a reset instead of an orderly end
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                    self.wfile.close()
-                    self.rfile.close()
+                    self.close_connection = True
                     self.connection.close()
                 elif kind == "short":
                     self._send_head(200, len(body))
                     self.wfile.write(body[: len(body) - 100])
+                    self.close_connection = True
                 elif kind == "stall_headers":
                     server.release.wait(STALL)
+                    self.close_connection = True
                 elif kind == "stall_body":
                     self._send_head(200, len(body))
-                    self.wfile.write(body[:100])
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
                     server.release.wait(STALL)
+                    self.close_connection = True
                 elif kind == "corrupt":
                     self._send_head(200, len(body))
                     self.wfile.write(bytes(len(body)))
                 elif kind == "trickle":
-                    # 16 bytes every 50 ms (well within the client's timeout), never the
-                    # last byte; the connection ends, incomplete, when the test releases it
                     self._send_head(200, len(body))
-                    for start in range(0, len(body) - 1, 16):
+                    for i in range(0, len(body) - 1, 16):
                         if server.release.wait(0.05):
                             break
-                        self.wfile.write(body[start:min(start + 16, len(body) - 1)])
+                        self.wfile.write(body[i:min(i + 16, len(body) - 1)])
+                        self.wfile.flush()
                         server.trickled += 16
-                elif kind == "linked":
-                    _, size, sha256 = answer
-                    self._send_head(302, 0, [("Location", "/blobs/" + name), ("X-Linked-Size", str(size)),
-                                             ("X-Linked-Etag", f'"{sha256}"')])
+                    self.close_connection = True
                 else:
                     raise AssertionError(f"unknown answer {answer!r}")
 
         return Handler
 
 
-def shard_bytes(tmp_path, seed, name="src.parquet"):
+def shard_bytes(tmp_path, seed):
     """A valid small shard (a few tens of KB) as bytes."""
-    path = os.path.join(str(tmp_path), f"{seed}-{name}")
+    path = os.path.join(str(tmp_path), f"{seed}-src.parquet")
     write_shard(path, make_documents(60, seed=seed))
     with open(path, "rb") as f:
         return f.read()
@@ -177,21 +197,56 @@ def server():
     s.close()
 
 
+def point_hub_at(monkeypatch, url):
+    """huggingface_hub in this process pointed at `url` and online (HF_ENDPOINT is read when it is imported)."""
+    monkeypatch.setattr(hf_constants, "ENDPOINT", url)
+    monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+
+
+def closed_port_url():
+    """http://127.0.0.1:<a port nobody listens on>"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
+
+
 @pytest.fixture
-def fast_retries(monkeypatch):
-    monkeypatch.setenv("AUTORESEARCH_BACKOFF_BASE", "0.01")
-    monkeypatch.setenv("AUTORESEARCH_DOWNLOAD_TIMEOUT", str(TIMEOUT))
+def hub(server, monkeypatch):
+    """huggingface_hub in this process pointed at the loopback server, with 1 s timeouts."""
+    point_hub_at(monkeypatch, server.url)
+    monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 1)
+    monkeypatch.setattr(hf_constants, "HF_HUB_ETAG_TIMEOUT", 1)
+    monkeypatch.setattr(hf_constants, "DOWNLOAD_CHUNK_SIZE", 1024)  # 10 MB by default: more than a test shard
+    return server
+
+
+@pytest.fixture
+def slept(monkeypatch):
+    """The waits the clients asked for, in seconds; nothing is slept."""
+    waits = []
+    monkeypatch.setattr(time, "sleep", waits.append)
+    return waits
 
 
 def cache_listing(data_dir):
-    return sorted(os.listdir(data_dir)) if os.path.isdir(data_dir) else []
+    """The data directory's files; `.partial` (a run's staging area) is looked at separately."""
+    return sorted(n for n in os.listdir(data_dir) if n != ".partial") if os.path.isdir(data_dir) else []
 
 
 def assert_only_valid_shards(data_dir):
-    """Every file in data_dir is a final shard name that verifies; no .tmp or other leftovers."""
     for name in cache_listing(data_dir):
         assert name.startswith("shard_") and name.endswith(".parquet"), f"leftover file {name}"
         assert prepare.verify_shard(os.path.join(data_dir, name)) is None, name
+    partial = os.path.join(data_dir, ".partial")
+    assert not os.path.isdir(partial) or not any(f for _, _, files in os.walk(partial) for f in files
+                                                   if f.endswith(".parquet")), "a partial shard was left"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    os.makedirs(tmp_path / "data")
+    return str(tmp_path / "data")
 
 
 # ---------------------------------------------------------------------------
@@ -205,13 +260,8 @@ def test_verify_shard_accepts_only_parquet_with_a_string_text_column(tmp_path):
     good = tmp_path / "good.parquet"
     write_shard(str(good), ["a", "b"])
     data = good.read_bytes()
-    cases = {
-        "truncated": data[: len(data) // 2],
-        "garbage": os.urandom(2000),
-        "empty": b"",
-    }
     assert prepare.verify_shard(str(good)) is None
-    for name, content in cases.items():
+    for name, content in {"truncated": data[: len(data) // 2], "garbage": os.urandom(2000), "empty": b""}.items():
         path = tmp_path / f"{name}.parquet"
         path.write_bytes(content)
         assert "not a readable parquet" in prepare.verify_shard(str(path)), name
@@ -223,129 +273,163 @@ def test_verify_shard_accepts_only_parquet_with_a_string_text_column(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# One shard, one fault (download_shard in this process: fast, exact)
+# The hub (huggingface_hub): one shard, one fault
 # ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
-def test_transient_fault_is_retried_and_the_shard_fetched(fault, server, fast_retries, tmp_path):
-    body = shard_bytes(tmp_path, 1)
-    server.files["shard_00000.parquet"] = body
-    server.script("shard_00000.parquet", fault, "ok")
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
-
-    assert prepare.download_shard(0, server.url, data_dir) == ("shard_00000.parquet", None)
-    assert server.gets("shard_00000.parquet") == 2
-    assert cache_listing(data_dir) == ["shard_00000.parquet"]
-    with open(os.path.join(data_dir, "shard_00000.parquet"), "rb") as f:
-        assert f.read() == body
+NAME = "shard_00000.parquet"
 
 
-@pytest.mark.parametrize("fault", TRANSIENT_FAULTS)
-def test_persistent_fault_fails_after_five_attempts_leaving_nothing(fault, server, fast_retries, tmp_path, monkeypatch):
-    if fault.startswith("stall"):  # every attempt times out anyway: no need for a safety margin
-        monkeypatch.setenv("AUTORESEARCH_DOWNLOAD_TIMEOUT", "0.1")
-    server.files["shard_00000.parquet"] = shard_bytes(tmp_path, 1)
-    server.script("shard_00000.parquet", fault)
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
+def test_hub_download_is_one_head_and_one_get_and_sends_the_token(hub, slept, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "x")
+    hub.files[NAME] = body = shard_bytes(tmp_path, 1)
+    assert prepare.download_shard(0, None, data_dir) == (NAME, None)
+    assert [(m, p) for m, p, _, _ in hub.log] == [("HEAD", HUB_PREFIX + NAME), ("GET", HUB_PREFIX + NAME)]
+    assert {auth for _, _, _, auth in hub.log} == {"Bearer x"}
+    assert cache_listing(data_dir) == [NAME] and open(os.path.join(data_dir, NAME), "rb").read() == body
+    assert slept == []
+    # present and valid: not asked for again
+    assert prepare.download_shard(0, None, data_dir) == (NAME, None) and len(hub.log) == 2
 
-    name, error = prepare.download_shard(0, server.url, data_dir)
-    assert error is not None and "after 5 attempts" in error
-    assert server.gets("shard_00000.parquet") == prepare.DOWNLOAD_ATTEMPTS == 5
+
+@pytest.mark.parametrize("fault", ["short", "stall_body", "stall_headers"])
+def test_hub_resumes_a_broken_download(fault, hub, slept, data_dir, tmp_path):
+    hub.files[NAME] = body = shard_bytes(tmp_path, 1)
+    hub.script(NAME, fault, "ok")
+    assert prepare.download_shard(0, None, data_dir) == (NAME, None)
+    gets = hub.requests("GET", NAME)
+    assert len(gets) == 2
+    if fault != "stall_headers":  # the second request asks only for what is missing
+        assert gets[1][2] is not None and gets[1][2].startswith("bytes=") and gets[1][2] != "bytes=0-", hub.log
+    assert open(os.path.join(data_dir, NAME), "rb").read() == body
+    assert_only_valid_shards(data_dir)
+
+
+@pytest.mark.parametrize("fault", ["500", "503", "429"])
+def test_hub_retries_the_metadata_request(fault, hub, slept, data_dir, tmp_path):
+    hub.files[NAME] = shard_bytes(tmp_path, 1)
+    hub.script(NAME, fault, "ok", method="HEAD")
+    assert prepare.download_shard(0, None, data_dir) == (NAME, None)
+    assert len(hub.requests("HEAD", NAME)) == 2 and hub.gets(NAME) == 1
+
+
+def test_hub_429_waits_as_long_as_retry_after_says(hub, slept, data_dir, tmp_path):
+    hub.files[NAME] = shard_bytes(tmp_path, 1)
+    hub.script(NAME, ("429", "7"), "ok")
+    assert prepare.download_shard(0, None, data_dir) == (NAME, None)
+    assert hub.gets(NAME) == 2 and len(slept) == 1 and slept[0] >= 7
+
+
+@pytest.mark.parametrize("fault, method, says", [
+    ("500", "GET", "500"),                        # the library does not retry a failed download's status,
+    ("drop", "GET", "Connection reset by peer"),  # nor resume after a reset connection
+    ("429", "GET", "429"),                        # ... a 429 it retries, but not for ever
+    ("500", "HEAD", "locate the file on the Hub"),
+    ("404", "HEAD", "RemoteEntryNotFoundError"),
+    ("corrupt", "GET", "the fetched file is not a readable parquet file"),
+    (("size", 12345), "HEAD", "Consistency check failed: file should be of size 12345"),
+])
+def test_hub_failure_is_one_line_and_leaves_nothing(fault, method, says, hub, slept, data_dir, tmp_path):
+    hub.files[NAME] = shard_bytes(tmp_path, 1)
+    hub.script(NAME, fault, method=method)
+    name, error = prepare.download_shard(0, None, data_dir)
+    assert error is not None and says in error and "\n" not in error, error
+    assert cache_listing(data_dir) == []
+    assert_only_valid_shards(data_dir)
+
+
+def test_hub_offline_or_unreachable_is_one_line(server, slept, data_dir, monkeypatch):
+    # conftest's environment: HF_HUB_OFFLINE=1
+    _, error = prepare.download_shard(0, None, data_dir)
+    assert "offline mode is enabled" in error and "\n" not in error and server.log == []
+    point_hub_at(monkeypatch, closed_port_url())  # online, but nobody listens at the endpoint
+    _, error = prepare.download_shard(0, None, data_dir)
+    assert "ConnectError" in error and "\n" not in error
     assert cache_listing(data_dir) == []
 
 
-@pytest.mark.parametrize("status", ["404", "403"])
-def test_client_error_fails_at_once(status, server, fast_retries, tmp_path):
-    server.files["shard_00000.parquet"] = shard_bytes(tmp_path, 1)
-    server.script("shard_00000.parquet", status)
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
-
-    name, error = prepare.download_shard(0, server.url, data_dir)
-    assert f"HTTP {status}" in error and "not retried" in error
-    assert server.gets("shard_00000.parquet") == 1
+def test_the_hub_clients_closed_session_is_one_line(data_dir, monkeypatch):
+    """A thread's refused connection makes huggingface_hub close the client that the other threads use."""
+    def closed(*args, **kwargs):
+        raise RuntimeError("Cannot send a request, as the client has been closed.")
+    monkeypatch.setattr(prepare, "hf_hub_download", closed)
+    assert prepare.download_shard(0, None, data_dir) == (NAME, "RuntimeError: Cannot send a request, as the client "
+                                                               "has been closed.")
     assert cache_listing(data_dir) == []
 
 
-@pytest.mark.parametrize("retry_after, expected", [("7", 7.0), ("100000", prepare.RETRY_AFTER_MAX)])
-def test_429_waits_as_long_as_retry_after_says(retry_after, expected, server, fast_retries, tmp_path, monkeypatch):
-    slept = []
-    monkeypatch.setattr(prepare.time, "sleep", slept.append)
-    server.files["shard_00000.parquet"] = shard_bytes(tmp_path, 1)
-    server.script("shard_00000.parquet", ("429", retry_after), "ok")
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
+def test_cached_shard_is_verified_and_a_corrupt_one_fetched_again(hub, slept, data_dir, tmp_path):
+    hub.files["shard_00000.parquet"] = hub.files["shard_00001.parquet"] = body = shard_bytes(tmp_path, 1)
+    write_shard(os.path.join(data_dir, "shard_00000.parquet"), ["cached"])
+    with open(os.path.join(data_dir, "shard_00001.parquet"), "wb") as f:
+        f.write(body[: len(body) // 3])  # what a crash without the staging directory would leave
+    assert prepare.download_shard(0, None, data_dir)[1] is None
+    assert prepare.download_shard(1, None, data_dir)[1] is None
+    assert hub.gets("shard_00000.parquet") == 0  # valid: kept
+    assert hub.gets("shard_00001.parquet") == 1  # corrupt: fetched again
+    assert open(os.path.join(data_dir, "shard_00001.parquet"), "rb").read() == body
 
+
+# ---------------------------------------------------------------------------
+# A plain http(s) mirror (requests + urllib3's Retry): one shard, one fault
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fault", ["500", "503", "429", "stall_headers"])
+def test_mirror_retries_until_the_shard_arrives(fault, server, slept, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    server.files[NAME] = body = shard_bytes(tmp_path, 1)
+    server.script(NAME, fault, fault, "ok")
+    assert prepare.download_shard(0, server.url, data_dir) == (NAME, None)
+    assert server.gets(NAME) == 3
+    assert open(os.path.join(data_dir, NAME), "rb").read() == body
+
+
+@pytest.mark.parametrize("retry_after, expected", [("7", 7), ("100000", prepare.RETRY_AFTER_MAX)])
+def test_mirror_429_waits_as_long_as_retry_after_says(retry_after, expected, server, slept, data_dir, tmp_path):
+    server.files[NAME] = shard_bytes(tmp_path, 1)
+    server.script(NAME, ("429", retry_after), "ok")
     assert prepare.download_shard(0, server.url, data_dir)[1] is None
-    assert slept == [expected]  # not the 0.01 s backoff
+    assert slept == [expected]
 
 
-def test_429_retry_after_as_http_date(server, fast_retries, tmp_path, monkeypatch):
+def test_mirror_retry_after_as_an_http_date(server, slept, data_dir, tmp_path):
     from email.utils import formatdate
 
-    slept = []
-    monkeypatch.setattr(prepare.time, "sleep", slept.append)
-    server.files["shard_00000.parquet"] = shard_bytes(tmp_path, 1)
-    server.script("shard_00000.parquet", ("429", formatdate(time.time() + 30, usegmt=True)), "ok")
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
-
+    server.files[NAME] = shard_bytes(tmp_path, 1)
+    server.script(NAME, ("429", formatdate(time.time() + 30, usegmt=True)), "ok")
     assert prepare.download_shard(0, server.url, data_dir)[1] is None
     assert len(slept) == 1 and 20 < slept[0] <= 30
 
 
-def test_hugging_face_linked_size_and_sha256_are_checked(server, fast_retries, tmp_path):
-    body = shard_bytes(tmp_path, 1)
-    sha = hashlib.sha256(body).hexdigest()
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
-    for i in range(3):
-        server.files[prepare.shard_filename(i)] = body
-    server.script("shard_00000.parquet", ("linked", len(body), sha))
-    server.script("shard_00001.parquet", ("linked", len(body), "0" * 64))      # wrong sha256
-    server.script("shard_00002.parquet", ("linked", len(body) + 1, sha))       # wrong size
-
-    assert prepare.download_shard(0, server.url, data_dir)[1] is None
-    assert ("GET", "/blobs/shard_00000.parquet") in server.log  # the redirect was followed
-    _, error = prepare.download_shard(1, server.url, data_dir)
-    assert "sha256" in error and "after 5 attempts" in error
-    _, error = prepare.download_shard(2, server.url, data_dir)
-    assert f"the server stated {len(body) + 1}" in error
-    assert cache_listing(data_dir) == ["shard_00000.parquet"]
+def test_mirror_persistent_5xx_fails_after_the_attempts(server, slept, data_dir, tmp_path):
+    server.files[NAME] = shard_bytes(tmp_path, 1)
+    server.script(NAME, "503")
+    _, error = prepare.download_shard(0, server.url, data_dir)
+    assert "503" in error and "\n" not in error
+    assert server.gets(NAME) == prepare.DOWNLOAD_ATTEMPTS
+    assert cache_listing(data_dir) == []
 
 
-def test_cached_shard_is_verified_and_a_corrupt_one_fetched_again(server, fast_retries, tmp_path):
-    body = shard_bytes(tmp_path, 1)
-    server.files["shard_00000.parquet"] = body
-    server.files["shard_00001.parquet"] = body
-    data_dir = str(tmp_path / "data")
-    os.makedirs(data_dir)
-    write_shard(os.path.join(data_dir, "shard_00000.parquet"), ["cached"])
-    with open(os.path.join(data_dir, "shard_00001.parquet"), "wb") as f:
-        f.write(body[: len(body) // 3])  # what a crash without the .tmp dance would leave
-
-    assert prepare.download_shard(0, server.url, data_dir)[1] is None
-    assert prepare.download_shard(1, server.url, data_dir)[1] is None
-    assert server.gets("shard_00000.parquet") == 0  # valid: kept
-    assert server.gets("shard_00001.parquet") == 1  # corrupt: fetched again
-    with open(os.path.join(data_dir, "shard_00001.parquet"), "rb") as f:
-        assert f.read() == body
+@pytest.mark.parametrize("fault, says", [("404", "404"), ("403", "403"), ("drop", "Error"), ("short", "Error"),
+                                         ("stall_body", "timed out"), ("corrupt", "not a readable parquet")])
+def test_mirror_failure_is_one_request_and_one_line(fault, says, server, slept, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_constants, "HF_HUB_DOWNLOAD_TIMEOUT", 0.5)
+    server.files[NAME] = shard_bytes(tmp_path, 1)
+    server.script(NAME, fault)
+    _, error = prepare.download_shard(0, server.url, data_dir)
+    assert says in error and "\n" not in error, error
+    assert server.gets(NAME) == 1
+    assert cache_listing(data_dir) == []
+    assert_only_valid_shards(data_dir)
 
 
-def test_local_directory_source(tmp_path, fast_retries):
-    src, data_dir = tmp_path / "mirror", str(tmp_path / "data")
+def test_local_directory_source(data_dir, tmp_path):
+    src = tmp_path / "mirror"
     src.mkdir()
-    os.makedirs(data_dir)
     write_shard(str(src / "shard_00000.parquet"), ["one", "two"])
     (src / "shard_00001.parquet").write_bytes(b"not parquet")
-
     assert prepare.download_shard(0, "file://" + str(src), data_dir)[1] is None
-    _, error = prepare.download_shard(1, str(src), data_dir)
-    assert "not a readable parquet" in error
-    _, error = prepare.download_shard(2, str(src), data_dir)
-    assert "does not exist" in error
+    assert "not a readable parquet" in prepare.download_shard(1, str(src), data_dir)[1]
+    assert "No such file" in prepare.download_shard(2, str(src), data_dir)[1]
     assert cache_listing(data_dir) == ["shard_00000.parquet"]
 
 
@@ -353,51 +437,54 @@ def test_local_directory_source(tmp_path, fast_retries):
 # download_data: the run as a whole (disk space, summaries, exit conditions)
 # ---------------------------------------------------------------------------
 
-def test_refuses_when_the_disk_cannot_hold_the_shards(server, fast_retries, tmp_path, monkeypatch):
+@pytest.mark.parametrize("source", ["hub", "mirror"])
+def test_refuses_when_the_disk_cannot_hold_the_shards(source, hub, slept, tmp_path, monkeypatch):
     from collections import namedtuple
-
-    from conftest import point_prepare_at
 
     point_prepare_at(monkeypatch, tmp_path)
     body = shard_bytes(tmp_path, 1)
     for i in [0, 1, prepare.VAL_SHARD]:
-        server.files[prepare.shard_filename(i)] = body
+        hub.files[prepare.shard_filename(i)] = body
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 10**12 - len(body), len(body)))
+    url = None if source == "hub" else hub.url
 
     with pytest.raises(SystemExit) as excinfo:
-        prepare.download_data(2, source=server.url, workers=2)
+        prepare.download_data(2, source=url, workers=2)
     message = str(excinfo.value.code)
     assert "not enough disk space" in message and "3 shard(s)" in message
     assert "sizes stated by the source for 3" in message and "AUTORESEARCH_CACHE_DIR" in message
-    assert not any(method == "GET" for method, _ in server.log)  # refused before downloading anything
+    assert hub.gets(prepare.VAL_FILENAME) == hub.gets(NAME) == 0  # refused before downloading anything
 
-    # without sizes from the source (no HEAD answer), the per-shard guess is used
-    monkeypatch.setattr(prepare, "_stated_size", lambda source, name: None)
+    # without sizes from the source, the per-shard guess is used
+    monkeypatch.setattr(prepare, "_stated_size", lambda source, index: None)
     monkeypatch.setattr(prepare.shutil, "disk_usage", lambda path: usage(10**12, 0, 2 * prepare.SHARD_BYTES_GUESS))
     with pytest.raises(SystemExit) as excinfo:
-        prepare.download_data(2, source=server.url, workers=2)
+        prepare.download_data(2, source=url, workers=2)
     assert "the source stated no sizes" in str(excinfo.value.code)
 
 
-def test_unreachable_source_fails_with_one_clear_message(fast_retries, tmp_path, monkeypatch):
-    from conftest import point_prepare_at
-
+@pytest.mark.parametrize("source", ["hub", "mirror"])
+def test_unreachable_source_fails_with_one_line_naming_the_validation_shard(source, slept, tmp_path, monkeypatch):
     point_prepare_at(monkeypatch, tmp_path)
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    dead = closed_port_url()
+    if source == "hub":
+        point_hub_at(monkeypatch, dead)
+    # one worker: on a refused connection huggingface_hub closes the client its other threads are using
     with pytest.raises(SystemExit) as excinfo:
-        prepare.download_data(2, source=url, workers=3)
-    message = str(excinfo.value.code)
-    assert url in message and "--data-url" in message and "AUTORESEARCH_DATA_URL" in message
-    assert "validation shard" in message and "No training shard" in message
-    assert cache_listing(prepare.DATA_DIR) == []
+        prepare.download_data(2, source=None if source == "hub" else dead, workers=1 if source == "hub" else 3)
+    lines = str(excinfo.value.code).splitlines()
+    assert dead in lines[0] and "could not fetch 3 of 3" in lines[0]
+    # every shard failed the same way (the URLs differ only in the file name, shown as *): one line for all three
+    error = "LocalEntryNotFoundError: " if source == "hub" else "ConnectionError: "
+    assert lines[1].startswith("  shard_00000.parquet and 2 more: " + error) and "Connection refused" in lines[1]
+    assert "--data-url" in lines[2] and "AUTORESEARCH_DATA_URL" in lines[2] and "HF_ENDPOINT" in lines[2]
+    assert lines[3:] == [f"The validation shard {prepare.VAL_FILENAME} is missing: nothing can be evaluated "
+                         f"without it.", "No training shard is ready."]
+    assert cache_listing(prepare.DATA_DIR) == [] and not os.path.exists(os.path.join(prepare.DATA_DIR, ".partial"))
 
 
-def test_every_training_shard_missing_is_an_error_even_with_the_validation_shard(tmp_path, fast_retries, monkeypatch):
-    from conftest import point_prepare_at
-
+def test_every_training_shard_missing_is_an_error_even_with_the_validation_shard(tmp_path, monkeypatch):
     point_prepare_at(monkeypatch, tmp_path / "cache")
     mirror = tmp_path / "mirror"
     mirror.mkdir()
@@ -410,72 +497,103 @@ def test_every_training_shard_missing_is_an_error_even_with_the_validation_shard
 
 
 # ---------------------------------------------------------------------------
-# prepare.py as a program (subprocess: real exit codes, pool, progress bar)
+# prepare.py as a program (subprocess: real exit codes, threads, progress bar)
 # ---------------------------------------------------------------------------
 
-def run_prepare(cache_dir, url, num_shards, timeout=PROGRAM_TIMEOUT, **popen):
+def run_prepare(cache_dir, num_shards, url=None, hub=None, **popen):
+    """prepare.py from a mirror (`url`) or, with hub=<FaultServer>, from the hub at HF_ENDPOINT=<its url>."""
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DEVICE="cpu",
-               AUTORESEARCH_BACKOFF_BASE="0.01", AUTORESEARCH_DOWNLOAD_TIMEOUT=str(timeout))
-    env.pop("AUTORESEARCH_DATA_URL", None)
-    cmd = [sys.executable, "prepare.py", "--num-shards", str(num_shards), "--data-url", url, "--download-workers", "4"]
+               HF_HUB_DOWNLOAD_TIMEOUT="1")
+    if hub is not None:
+        env.update(HF_ENDPOINT=hub.url, HF_HUB_OFFLINE="0", HF_TOKEN="x")
+    cmd = [sys.executable, "prepare.py", "--num-shards", str(num_shards), "--download-workers", "4"]
+    cmd += ["--data-url", url] if url else []
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
 
 
-def finish(proc, timeout=120):
+def finish(proc, timeout=180):
     out, err = proc.communicate(timeout=timeout)
     return proc.returncode, out, err
 
 
-def test_program_recovers_from_each_fault_and_fails_on_what_is_missing(server, tmp_path):
-    faults = ["drop", "short", "500", ("429", "1"), "stall_body", "corrupt", "ok", "404"]
+def test_program_from_hf_endpoint_end_to_end(server, tmp_path):
+    """HF_ENDPOINT=<loopback fake hub> HF_TOKEN=x prepare.py: shards, tokenizer, the validation check, exit 0."""
+    for i in [0, 1, 2, prepare.VAL_SHARD]:
+        server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
+    code, out, err = finish(run_prepare(tmp_path / "cache", 3, hub=server))
+    assert code == 0, err
+    assert f"Downloading 4 shards from {server.url}/datasets/{prepare.HF_REPO}" in out and "Done" in out
+    data_dir = tmp_path / "cache" / "data"
+    assert sorted(os.listdir(data_dir)) == sorted(prepare.shard_filename(i) for i in [0, 1, 2, prepare.VAL_SHARD])
+    assert_only_valid_shards(data_dir)
+    assert os.path.exists(tmp_path / "cache" / "tokenizer" / "tokenizer.pkl")
+    assert all(path.startswith(HUB_PREFIX) and auth == "Bearer x" for _, path, _, auth in server.log)
+    # the disk check's HEAD and the download's HEAD + GET, for each shard
+    assert sorted(m for m, _, _, _ in server.log) == ["GET"] * 4 + ["HEAD"] * 8
+    assert "%|" not in err and "Traceback" not in err
+
+
+def test_program_sums_up_hub_failures_one_line_each(server, tmp_path):
+    # the disk check's HEAD request comes first: the metadata faults are scripted for the download's HEAD after it
+    faults = [("GET", "short", "ok"), ("HEAD", "ok", "500", "ok"), ("GET", "ok"), ("HEAD", "404"),
+              ("GET", "corrupt", "ok"), ("GET", "drop", "ok")]
+    for i, (method, *answers) in enumerate(faults):
+        server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
+        server.script(prepare.shard_filename(i), *answers, method=method)
+    server.files[prepare.VAL_FILENAME] = shard_bytes(tmp_path, 99)
+    data_dir = tmp_path / "cache" / "data"
+    os.makedirs(data_dir / ".partial")
+    (data_dir / ".partial" / "shard_00003.parquet").write_bytes(b"partial")  # a killed run's leftover
+
+    code, out, err = finish(run_prepare(tmp_path / "cache", len(faults), hub=server))
+    assert code == 1, err
+    assert_only_valid_shards(data_dir)
+    assert cache_listing(data_dir) == [prepare.shard_filename(i) for i in range(3)] + [prepare.VAL_FILENAME]
+    assert not os.path.exists(data_dir / ".partial")
+    summary = err[err.index("prepare.py: could not fetch"):].splitlines()
+    assert summary[0] == f"prepare.py: could not fetch 3 of 7 shard(s) from {server.url}/datasets/{prepare.HF_REPO}:"
+    assert summary[1].startswith("  shard_00003.parquet: RemoteEntryNotFoundError")
+    assert summary[2].startswith("  shard_00004.parquet: the fetched file is not a readable parquet file")
+    assert summary[3].startswith("  shard_00005.parquet: ReadError: [Errno 104] Connection reset by peer")
+    assert "--data-url" in summary[4] and len(summary) == 5  # the validation shard and shards 0-2 are there
+    # each failure cost one download; the short body was resumed, the 500 on the metadata request retried
+    assert [server.gets(prepare.shard_filename(i)) for i in range(len(faults))] == [2, 1, 1, 0, 1, 1]
+    assert "Traceback" not in err and "%|" not in err
+    assert not os.path.exists(tmp_path / "cache" / "tokenizer" / "tokenizer.pkl")  # not from a subset
+
+
+def test_program_offline_says_so_in_one_line_per_failure(tmp_path):
+    code, out, err = finish(run_prepare(tmp_path / "cache", 2))  # conftest's environment: HF_HUB_OFFLINE=1
+    assert code == 1 and "Traceback" not in err
+    summary = err[err.index("prepare.py: could not fetch"):].splitlines()
+    assert "could not fetch 3 of 3" in summary[0]
+    assert summary[1].startswith("  shard_00000.parquet and 2 more: ") and "offline mode is enabled" in summary[1]
+    assert f"The validation shard {prepare.VAL_FILENAME} is missing" in err and "--data-url" in err
+
+
+def test_program_from_a_mirror_recovers_what_urllib3_retries(server, tmp_path):
+    faults = ["500", ("429", "1"), "ok", "404", "drop"]
     for i, fault in enumerate(faults):
-        name = prepare.shard_filename(i)
-        server.files[name] = shard_bytes(tmp_path, i)
-        server.script(name, fault, "ok")
+        server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
+        server.script(prepare.shard_filename(i), fault, "ok")
     server.files[prepare.VAL_FILENAME] = shard_bytes(tmp_path, 99)
     data_dir = str(tmp_path / "cache" / "data")
     os.makedirs(data_dir)
-    with open(os.path.join(data_dir, "shard_00006.parquet"), "wb") as f:  # a corrupt shard in the cache
-        f.write(server.files["shard_00006.parquet"][:500])
-    with open(os.path.join(data_dir, "shard_00003.parquet.12345.tmp"), "wb") as f:  # a killed run's leftover
-        f.write(b"partial")
+    with open(os.path.join(data_dir, "shard_00002.parquet"), "wb") as f:  # a corrupt shard in the cache
+        f.write(server.files["shard_00002.parquet"][:500])
 
-    code, out, err = finish(run_prepare(tmp_path / "cache", server.url, len(faults)))
+    code, out, err = finish(run_prepare(tmp_path / "cache", len(faults), url=server.url))
     assert code == 1, err
-    assert "shard_00006.parquet: the cached file is not a readable parquet file" in out
-    # every transient fault cost exactly one more request; the 404 was not retried
-    assert [server.gets(prepare.shard_filename(i)) for i in range(len(faults))] == [2, 2, 2, 2, 2, 2, 1, 1]
-    assert_only_valid_shards(data_dir)
-    assert cache_listing(data_dir) == [prepare.shard_filename(i) for i in range(7)] + [prepare.VAL_FILENAME]
-    # one summary naming the failure, the source and the override; no tokenizer from a subset of the shards
-    assert err.count("could not fetch") == 1
-    assert "shard_00007.parquet: HTTP 404" in err and server.url in err and "--data-url" in err
-    assert "Traceback" not in err
-    assert not os.path.exists(tmp_path / "cache" / "tokenizer" / "tokenizer.pkl")
-    assert "%|" not in err  # no progress bars when stderr is not a terminal
-
-
-def test_program_exits_nonzero_when_the_validation_shard_and_all_training_shards_fail(server, tmp_path):
-    faults = ["drop", "short", "500", "429", "stall_body", "corrupt"]
-    for i, fault in enumerate(faults):
-        server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
-        server.script(prepare.shard_filename(i), fault)
-    server.files[prepare.VAL_FILENAME] = shard_bytes(tmp_path, 99)
-    server.script(prepare.VAL_FILENAME, "404")
-
-    # every answer is a failure, so a short timeout cannot turn a good answer into a false one
-    code, out, err = finish(run_prepare(tmp_path / "cache", server.url, len(faults), timeout=0.2))
-    assert code == 1
-    assert err.count("could not fetch 7 of 7") == 1 and server.url in err and "AUTORESEARCH_DATA_URL" in err
-    assert "validation shard shard_06542.parquet is missing" in err and "No training shard" in err
-    assert err.count("(after 5 attempts)") == len(faults) and "shard_06542.parquet: HTTP 404" in err
-    assert [server.gets(prepare.shard_filename(i)) for i in range(len(faults))] == [5] * len(faults)
-    assert cache_listing(tmp_path / "cache" / "data") == []
-    assert not os.path.exists(tmp_path / "cache" / "tokenizer")
+    assert "shard_00002.parquet: the cached file is not a readable parquet file" in out
+    assert [server.gets(prepare.shard_filename(i)) for i in range(len(faults))] == [2, 2, 1, 1, 1]
+    assert cache_listing(data_dir) == [prepare.shard_filename(i) for i in range(3)] + [prepare.VAL_FILENAME]
+    assert err.count("could not fetch 2 of 6") == 1 and server.url in err
+    assert "shard_00003.parquet: HTTPError: 404" in err and "shard_00004.parquet: ChunkedEncodingError" in err
+    assert "Traceback" not in err and "%|" not in err
 
 
 def test_interrupted_runs_leave_only_valid_shards_and_a_rerun_completes(server, tmp_path):
-    """Ctrl-C, then SIGKILL, in the middle of a download; the third run completes."""
+    """Ctrl-C, then SIGKILL, in the middle of a download from the hub; the third run completes."""
     for i in [0, 1, 2, prepare.VAL_SHARD]:
         server.files[prepare.shard_filename(i)] = shard_bytes(tmp_path, i)
     server.script("shard_00002.parquet", "trickle", "trickle", "ok")
@@ -483,13 +601,11 @@ def test_interrupted_runs_leave_only_valid_shards_and_a_rerun_completes(server, 
     done = [prepare.shard_filename(i) for i in [0, 1, prepare.VAL_SHARD]]
 
     def start_and_wait_for_the_slow_download(**popen):
-        proc = run_prepare(tmp_path / "cache", server.url, 3, **popen)
+        proc = run_prepare(tmp_path / "cache", 3, hub=server, **popen)
         trickled, deadline = server.trickled, time.time() + 90
         while not (server.trickled >= trickled + 256 and all((data_dir / n).exists() for n in done)):
             assert proc.poll() is None and time.time() < deadline, "prepare.py did not reach the slow download"
             time.sleep(0.05)
-        leftovers = [n for n in cache_listing(data_dir) if n.startswith("shard_00002")]
-        assert len(leftovers) == 1 and leftovers[0].endswith(".tmp")  # the download in progress
         return proc
 
     # 1. Ctrl-C, as a terminal sends it: to the whole process group
@@ -500,20 +616,22 @@ def test_interrupted_runs_leave_only_valid_shards_and_a_rerun_completes(server, 
     assert_only_valid_shards(data_dir)
     assert cache_listing(data_dir) == done
 
-    # 2. SIGKILL to prepare.py alone: its pool workers are orphaned and must stop by themselves
+    # 2. SIGKILL: the download threads die with the process
     proc = start_and_wait_for_the_slow_download()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     proc.stdout.close()
     proc.stderr.close()
-    server.release.set()  # ends the trickle, incomplete: the orphaned worker sees its parent gone
+    requests_after_kill = len(server.log)
+    server.release.set()  # ends the trickle, incomplete
     assert not (data_dir / "shard_00002.parquet").exists()
 
     # 3. a plain rerun continues where the others stopped
-    code, out, err = finish(run_prepare(tmp_path / "cache", server.url, 3))
+    time.sleep(0.5)
+    assert len(server.log) == requests_after_kill  # nobody is left downloading
+    code, out, err = finish(run_prepare(tmp_path / "cache", 3, hub=server))
     assert code == 0, err
     assert "3/4 shards already" in out
     assert_only_valid_shards(data_dir)
     assert cache_listing(data_dir) == sorted(done + ["shard_00002.parquet"])
-    # shards fetched once each, shard 2 once per run; no request from an orphan after the kill
     assert [server.gets(prepare.shard_filename(i)) for i in [0, 1, 2, prepare.VAL_SHARD]] == [1, 1, 3, 1]

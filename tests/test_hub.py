@@ -4,19 +4,25 @@ In process through Starlette's TestClient; the crash and load tests with a real 
 tests/test_hub_durability.py.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import socket
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
+import requests
 from starlette.testclient import TestClient
 
 from hub import server
-from hub_helpers import ROOT, baseline_repo, bundle, commit_file, run_git
+from hub_helpers import (BASELINE_FILES, ROOT, HubProcess, alive, baseline_repo, bundle, commit_file, fake_git,
+                         pack_bundle, run_git)
 
 
 @pytest.fixture
@@ -98,11 +104,14 @@ def test_register_refuses_a_taken_name(hub):
     assert answer.status_code == 409 and "taken" in answer.json()["error"]
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def test_register_refuses_bodies_that_are_not_json_objects_or_too_large(hub):
-    assert hub.post("/api/register", content=b"{nope").status_code == 400
+    assert hub.post("/api/register", content=b"{nope", headers=JSON).status_code == 400
     assert hub.post("/api/register", json=["alpha"]).status_code == 400
-    assert hub.post("/api/register", content=b"[" * 50000).status_code == 400  # nesting deeper than json allows
-    answer = hub.post("/api/register", content=b'{"id": "' + b"a" * (70 << 10) + b'"}')
+    assert hub.post("/api/register", content=b"[" * 50000, headers=JSON).status_code == 400  # deeper than json allows
+    answer = hub.post("/api/register", content=b'{"id": "' + b"a" * (70 << 10) + b'"}', headers=JSON)
     assert answer.status_code == 413 and "larger" in answer.json()["error"]
 
 
@@ -566,3 +575,433 @@ def test_backup_commands_of_the_docs_restore_a_working_hub(tmp_path):
     child = commit_file(repo, "train.py", "LR = 0.05\n", "child")
     assert [r["hash"] for r in push(copy, auth, bundle(repo)).json()["added"]] == [child]
     copy.close()
+
+
+# ---------------------------------------------------------------------------
+# Against a hostile agent: each finding of the red-team pass (P1-P13), reproduced
+# ---------------------------------------------------------------------------
+
+def root_repo(path, extra=None, drop=None, link=None):
+    """A baseline repository whose root commit adds the file extra=(name, text), drops a file, or makes train.py
+    a symlink to `link`; returns its hash."""
+    baseline_repo(path)
+    if extra:
+        (path / extra[0]).parent.mkdir(parents=True, exist_ok=True)
+        (path / extra[0]).write_text(extra[1])
+        run_git(path, "add", extra[0])
+    if drop:
+        run_git(path, "rm", "-q", "--cached", drop)
+    if link:
+        os.remove(path / "train.py")
+        os.symlink(link, path / "train.py")
+        run_git(path, "add", "train.py")
+    run_git(path, "commit", "-q", "--amend", "-m", "baseline")
+    return run_git(path, "rev-parse", "HEAD")
+
+
+@pytest.mark.parametrize("case,words", [
+    ("symlink", "regular file"), ("numpy.py", "numpy.py"), ("no uv.lock", "holds prepare.py, pyproject.toml, "
+                                                                          "train.py: a baseline holds exactly"),
+    ("subdirectory", "pkg/__init__.py")])
+def test_root_commits_obey_the_content_rules(hub, tmp_path, case, words):
+    """P1: a root with train.py linked to /etc/passwd and a numpy.py beside it was accepted."""
+    auth = register(hub)
+    repo = tmp_path / "a"
+    options = {"symlink": dict(link="/etc/passwd"), "numpy.py": dict(extra=("numpy.py", "import os\n")),
+               "no uv.lock": dict(drop="uv.lock"), "subdirectory": dict(extra=("pkg/__init__.py", ""))}[case]
+    root = root_repo(repo, **options)
+    answer = refused(hub, auth, bundle(repo), tmp_path, 422, words)
+    assert root[:7] in answer.json()["error"]
+
+
+def baseline_of(hub, auth, blob):
+    return hub.get(f"/api/baseline?prepare_py={blob}", headers=auth)
+
+
+def test_the_oldest_root_is_the_baseline_and_a_flood_cannot_displace_it(make_hub, tmp_path):
+    """P1: 500 roots with the same prepare.py pushed the genuine baseline out of the setup query's window."""
+    hub = make_hub(limits={"roots_per_agent": 3})
+    alpha, mallory = register(hub, "alpha"), register(hub, "mallory")
+    genuine = baseline_repo(tmp_path / "a")
+    blob = run_git(tmp_path / "a", "rev-parse", "HEAD:prepare.py")
+    assert baseline_of(hub, alpha, blob).status_code == 404
+    assert push(hub, alpha, bundle(tmp_path / "a")).status_code == 200
+    for i in range(3):  # mallory's own roots with the same prepare.py and another train.py
+        baseline_repo(tmp_path / f"m{i}", train=f"LR = {i}  # rigged\n")
+        assert push(hub, mallory, bundle(tmp_path / f"m{i}")).status_code == 200
+    baseline_repo(tmp_path / "m3", train="LR = 3  # rigged\n")
+    refused(hub, mallory, bundle(tmp_path / "m3"), tmp_path, 422, "at most 3 root commits")
+    answer = baseline_of(hub, mallory, blob)
+    assert answer.status_code == 200
+    record = db(tmp_path).execute("SELECT created_at FROM commits WHERE hash = ?", (genuine,)).fetchone()
+    assert answer.json() == {"hash": genuine, "agent_id": "alpha", "created_at": record["created_at"]}
+    other = baseline_repo(tmp_path / "b", prepare="METRIC = 'other'\n")  # another prepare.py: its own baseline
+    push(hub, alpha, bundle(tmp_path / "b"))
+    assert baseline_of(hub, alpha, run_git(tmp_path / "b", "rev-parse", "HEAD:prepare.py")).json()["hash"] == other
+    for bad in ("", "abc", "G" * 40, blob + "0"):
+        assert baseline_of(hub, alpha, bad).status_code == 400
+    assert hub.get(f"/api/baseline?prepare_py={blob}").status_code == 401
+
+
+def test_objects_are_bounded_uncompressed(make_hub, tmp_path):
+    """P2: a 1 GiB train.py of zeros arrived in a 1 MB bundle and was stored."""
+    hub = make_hub(limits={"object_bytes": 4096})
+    auth = register(hub)
+    repo = tmp_path / "a"
+    baseline_repo(repo, train="0" * 4097)
+    answer = refused(hub, auth, bundle(repo), tmp_path, 413, "4097 bytes uncompressed, more than 4096")
+    assert len(bundle(repo)) < 1000  # what was small is the bundle, not the object
+    baseline_repo(tmp_path / "b", train="0" * 4096)
+    assert push(hub, auth, bundle(tmp_path / "b")).status_code == 200
+    commit_file(tmp_path / "b", "train.py", "1" * 5000, "too big")
+    refused(hub, auth, bundle(tmp_path / "b"), tmp_path, 413, "5000 bytes")
+    assert answer.json()["error"].startswith("blob ")
+
+
+def test_commit_messages_are_bounded(make_hub, tmp_path):
+    """P3: a 30 MB commit message came back to every agent reading `commits?limit=20`."""
+    hub = make_hub(limits={"message_bytes": 100})
+    auth = register(hub)
+    repo = tmp_path / "a"
+    baseline_repo(repo)
+    assert push(hub, auth, bundle(repo)).status_code == 200
+    commit_file(repo, "train.py", "LR = 1\n", "é" * 50)  # 100 bytes
+    assert push(hub, auth, bundle(repo)).status_code == 200
+    commit_file(repo, "train.py", "LR = 2\n", "x" * 101)
+    refused(hub, auth, bundle(repo), tmp_path, 413, "message longer than 100 bytes")
+
+
+def test_commits_and_refs_per_push_are_bounded(make_hub, tmp_path):
+    """P9: a 3,000-commit chain in one push took 26 s of server work."""
+    hub = make_hub(limits={"push_commits": 3, "push_refs": 2})
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    for i in range(3):
+        commit_file(repo, "train.py", f"LR = {i}\n", f"step {i}")
+    refused(hub, auth, bundle(repo), tmp_path, 413, "4 new commits, more than 3")
+    run_git(repo, "branch", "previous", "HEAD~1")
+    assert len(push(hub, auth, bundle(repo, "previous")).json()["added"]) == 3
+    assert len(push(hub, auth, bundle(repo)).json()["added"]) == 1  # only new commits count
+    run_git(repo, "branch", "x", root)
+    refused(hub, auth, bundle(repo, "--branches"), tmp_path, 413, "3 refs, more than 2")
+
+
+def test_only_objects_reachable_from_accepted_commits_are_kept(hub, tmp_path):
+    """P12: objects bundled beside an accepted commit but not reachable from it were stored."""
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    junk = run_git(repo, "hash-object", "-w", "--stdin", input="not part of any commit\n")
+    assert push(hub, auth, pack_bundle(repo, root, extra=[junk])).status_code == 200
+    git_dir = tmp_path / "data" / "repo.git"
+    assert subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "-e", junk]).returncode != 0
+    for name in BASELINE_FILES:
+        assert run_git(git_dir, "cat-file", "-t", f"{root}:{name}") == "blob"
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "child")
+    assert push(hub, auth, pack_bundle(repo, child, extra=[junk])).json()["added"][0]["hash"] == child
+    assert subprocess.run(["git", "--git-dir", str(git_dir), "cat-file", "-e", junk]).returncode != 0
+    subprocess.run(["git", "--git-dir", str(git_dir), "fsck", "--strict"], check=True, capture_output=True)
+
+
+def test_diff_output_is_bounded(make_hub, tmp_path):
+    """P2: a diff against a 300 MB train.py answered 307 MB."""
+    hub = make_hub(limits={"diff_bytes": 300})
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    small = commit_file(repo, "train.py", "LR = 1\n", "small")
+    big = commit_file(repo, "train.py", "".join(f"LR = {i}\n" for i in range(100)), "big")
+    push(hub, auth, bundle(repo))
+    assert hub.get(f"/api/git/diff/{root}/{small}", headers=auth).status_code == 200
+    answer = hub.get(f"/api/git/diff/{root}/{big}", headers=auth)
+    assert answer.status_code == 413 and "larger than 300 bytes" in answer.json()["error"]
+
+
+def test_git_is_killed_after_its_time_limit(make_hub, tmp_path, monkeypatch):
+    """P2: each diff against a 1 GiB object ran git for ~50 s, with no time limit."""
+    hub = make_hub(limits={"git_timeout_s": 1})
+    auth = register(hub)
+    repo = tmp_path / "a"
+    root = baseline_repo(repo)
+    push(hub, auth, bundle(repo))
+    (tmp_path / "bin").mkdir()
+    pid_file = fake_git(tmp_path / "bin", "diff", child=True)
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    answer = hub.get(f"/api/git/diff/{root}/{root}", headers=auth)
+    assert answer.status_code == 503 and "longer than 1 s" in answer.json()["error"]
+    assert not alive(int(open(pid_file).read()))
+    assert not (tmp_path / "bin" / "child.done").exists()  # git's own child was killed too (it held the pipe)
+
+
+def test_bundle_cache_is_bounded_in_bytes(make_hub, tmp_path):
+    """P5: the fetch cache was bounded in count only (RSS 91 -> 346 MB after 8 large fetches)."""
+    auth_hub = make_hub()
+    auth = register(auth_hub)
+    repo = tmp_path / "a"
+    hashes = [baseline_repo(repo)] + [commit_file(repo, "train.py", f"LR = {i}\n", f"c{i}") for i in range(3)]
+    push(auth_hub, auth, bundle(repo))
+    sizes = [len(auth_hub.get(f"/api/git/fetch/{h}", headers=auth).content) for h in hashes]
+    auth_hub.close()
+    limit = sizes[2] + sizes[3]  # room for the last two only
+    hub = make_hub(limits={"bundle_cache_bytes": limit})
+    state = hub.app.state.hub
+    for h, size in zip(hashes, sizes):
+        assert len(hub.get(f"/api/git/fetch/{h}", headers=auth).content) == size
+        assert state.bundle_bytes == sum(len(b) for b in state.bundles.values()) <= limit
+    assert list(state.bundles) == hashes[2:]
+    hub.get(f"/api/git/fetch/{hashes[2]}", headers=auth)  # a hit makes it the newest
+    assert list(state.bundles) == [hashes[3], hashes[2]]
+
+
+@pytest.mark.parametrize("query", ["limit=\u00b2", "limit=" + "9" * 5000, "before=\u00b2", "before=" + "1" * 5000,
+                                   "limit=%EF%BC%95"])  # a fullwidth digit five
+def test_query_numbers_other_than_ascii_digits_are_400(hub, query):
+    """P11: `limit=²` and a 5,000-digit number answered 500 in plain text."""
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    answer = hub.get(f"/api/channels/results/posts?{query}", headers=auth)
+    assert answer.status_code == 400 and "integer" in answer.json()["error"]
+
+
+@pytest.mark.parametrize("path,body", [("/api/channels/results/posts", '{"content": "x\\ud800y"}'),
+                                       ("/api/channels", '{"name": "c", "description": "\\udfff"}'),
+                                       ("/api/register", '{"id": "a", "x": "\\ud800"}')])
+def test_a_lone_surrogate_is_400(hub, tmp_path, path, body):
+    """P11: a lone surrogate in a post or a channel description answered 500."""
+    auth = register(hub, "alpha")
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    answer = hub.post(path, content=body.encode(), headers={**auth, **JSON})
+    assert answer.status_code == 400 and "Unicode" in answer.json()["error"]
+    assert db(tmp_path).execute("SELECT COUNT(*) FROM posts").fetchone()[0] == 0
+
+
+def test_json_bodies_need_the_json_content_type(hub, tmp_path):
+    """P6: a text/plain cross-site POST (a browser sends one without asking) registered an agent."""
+    for headers in ({"Content-Type": "text/plain"}, {"Content-Type": "application/x-www-form-urlencoded"}, {}):
+        answer = hub.post("/api/register", content=b'{"id": "alpha"}', headers=headers)
+        assert answer.status_code == 415 and "application/json" in answer.json()["error"]
+    assert db(tmp_path).execute("SELECT COUNT(*) FROM agents").fetchone()[0] == 0
+    answer = hub.post("/api/register", content=b'{"id": "alpha"}',
+                      headers={"Content-Type": "Application/JSON; charset=utf-8"})
+    assert answer.status_code == 201
+
+
+def test_a_loopback_hub_serves_loopback_host_names_only(tmp_path):
+    """P6: a foreign Host header was served (with the others: DNS rebinding against a hub on a laptop)."""
+    app = server.loopback_hosts_only(server.create_app(str(tmp_path / "d")), "127.0.0.1")
+    for i, host in enumerate(("localhost:8000", "127.0.0.1", "127.0.0.1:80", "[::1]:8000", "LOCALHOST")):
+        answer = TestClient(app).post("/api/register", json={"id": f"a{i}"}, headers={"Host": host})
+        assert answer.status_code == 201, host
+    for host in ("evil.example", "evil.example:8000", "localhost.evil.example", "127.0.0.1.nip.io", "", "[::2]"):
+        answer = TestClient(app).get("/", headers={"Host": host})
+        assert answer.status_code == 400 and "Host" in answer.json()["error"], host
+
+
+def test_retry_after_is_never_zero(make_hub):
+    """Mutation: `Retry-After: 0` was possible and no test noticed (every test waited ~100 s)."""
+    hub = make_hub(limits={"rate": 1.0, "burst": 1})
+    auth = register(hub)
+    hub.app.state.hub.buckets[("", "alpha")] = (0.9, time.monotonic())  # a tenth of a second to the next token
+    answer = hub.get("/api/channels", headers=auth)
+    assert answer.status_code == 429 and answer.headers["Retry-After"] == "1"
+    assert [server.retry_after(w) for w in (0.0, 0.001, 1.0, 1.001, 99.2)] == ["1", "1", "1", "2", "100"]
+
+
+def test_a_streamed_body_one_byte_over_the_limit_is_refused(make_hub, tmp_path):
+    """Mutation: a body without Content-Length (chunked) could be one byte over the limit."""
+    hub = make_hub(limits={"body_bytes": 40})
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+
+    def streamed(size):
+        body = b'{"content": "' + b"x" * (size - 15) + b'"}'
+        assert len(body) == size
+        return hub.post("/api/channels/results/posts", content=iter([body[:10], body[10:]]), headers={**auth, **JSON})
+    assert streamed(40).status_code == 201
+    answer = streamed(41)
+    assert answer.status_code == 413 and "larger than 40 bytes" in answer.json()["error"]
+
+
+def test_wrong_read_tokens_are_rate_limited(make_hub):
+    """P10: wrong read-token guesses on the page were not rate-limited (invite tokens are)."""
+    hub = make_hub(host="0.0.0.0", invite_token="inv", read_token="right", limits={"guess_burst": 3})
+    for _ in range(4):  # the burst, and one more that empties the bucket
+        assert hub.get("/?token=wrong").status_code == 401
+    answer = hub.get("/?token=right")  # too late: the address is blocked for a while
+    assert answer.status_code == 429 and int(answer.headers["Retry-After"]) >= 1
+    answer = hub.post("/api/register", json={"id": "alpha"}, headers={"X-Invite-Token": "inv"})
+    assert answer.status_code == 201  # the API has its own limits
+
+
+# ---------------------------------------------------------------------------
+# Against a hostile agent: a real server process (connections, proxies, tokens, git children)
+# ---------------------------------------------------------------------------
+
+def test_slow_connections_do_not_block_a_request_and_do_not_flood_the_log(tmp_path):
+    """P4: 20,000 connections trickling headers used up the file descriptors; normal requests timed out and
+    the log grew 60 MB of tracebacks in 30 s. Here: 400 slow connections to a hub with 356 descriptors."""
+    hub = HubProcess(tmp_path / "d", files=356, args=["--limit", "connections=100", "--limit", "header_timeout_s=2"])
+    try:
+        auth = hub.register("alpha")
+        slow = []
+        for _ in range(400):
+            s = socket.create_connection(("127.0.0.1", hub.port), timeout=10)
+            s.sendall(b"GET /api/channels HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # and never the end of the headers
+            slow.append(s)
+        answer = requests.get(hub.url + "/api/channels", headers=auth, timeout=10)
+        assert answer.status_code == 200
+        for s in slow:  # every slow one is closed: evicted, or at the header time limit
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+            s.close()
+        for _ in range(50):  # and a flood of bad requests
+            with socket.create_connection(("127.0.0.1", hub.port), timeout=10) as s:
+                s.sendall(b"NOT HTTP\r\n\r\n")
+                s.recv(1000)
+        assert requests.get(hub.url + "/api/channels", headers=auth, timeout=10).status_code == 200
+    finally:
+        hub.kill()
+    log = hub.log
+    assert "Traceback" not in log
+    assert log.count("Invalid HTTP request") == 1
+    assert len(log.splitlines()) <= 6, log
+
+
+def test_a_body_must_arrive_within_its_time_limit(tmp_path):
+    """A client trickling its body holds its connection only until body_timeout_s (then 408)."""
+    hub = HubProcess(tmp_path / "d", args=["--limit", "body_timeout_s=1"])
+    try:
+        with socket.create_connection(("127.0.0.1", hub.port), timeout=30) as s:
+            s.sendall(b"POST /api/register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 20\r\n\r\n{\"id\": ")  # and never the rest
+            answer = b""
+            while not answer.endswith(b"}"):
+                answer += s.recv(1000)
+            answer = answer.decode()
+    finally:
+        hub.kill()
+    assert answer.startswith("HTTP/1.1 408") and "within 1 s" in answer
+
+
+def test_proxy_headers_are_ignored_unless_trusted(tmp_path):
+    """P6: on loopback the hub took the client address from X-Forwarded-For: 200 registrations with 200
+    forged addresses all passed the per-address limit."""
+    hub = HubProcess(tmp_path / "d", args=["--limit", "register_burst=2"])
+    try:
+        codes = [requests.post(hub.url + "/api/register", json={"id": f"a{i}"}, timeout=10,
+                               headers={"X-Forwarded-For": f"10.0.0.{i}"}).status_code for i in range(3)]
+    finally:
+        hub.kill()
+    assert codes == [201, 201, 429]
+
+
+def test_tokens_come_from_the_environment_or_a_file_not_only_argv(tmp_path):
+    """P10: --invite-token and --read-token existed only as arguments, visible to every user in `ps`."""
+    (tmp_path / "invite").write_text("from-a-file\n")
+    for i, (env, args, token) in enumerate([({"AGENTHUB_INVITE_TOKEN": "from-env"}, [], "from-env"),
+                                            ({}, ["--invite-token-file", str(tmp_path / "invite")], "from-a-file")]):
+        hub = HubProcess(tmp_path / f"hub{i}", env=env, args=args)
+        try:
+            with open(f"/proc/{hub.proc.pid}/cmdline", "rb") as f:
+                assert token.encode() not in f.read()
+            url = hub.url + "/api/register"
+            assert requests.post(url, json={"id": "a"}, timeout=10).status_code == 403
+            answer = requests.post(url, json={"id": "a"}, headers={"X-Invite-Token": token}, timeout=10)
+            assert answer.status_code == 201
+        finally:
+            hub.kill()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "hub", "server.py"), "--data", str(tmp_path / "e"),
+                             "--port", "1", "--host", "0.0.0.0", "--invite-token-file", str(tmp_path / "missing")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "No such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_git_children_die_with_the_hub(tmp_path):
+    """P13: git children outlived a SIGKILL of the hub (index-pack ran on ~15 s after the restart)."""
+    (tmp_path / "bin").mkdir()
+    pid_file = fake_git(tmp_path / "bin", "diff")
+    hub = HubProcess(tmp_path / "d", env={"PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"})
+    try:
+        auth = hub.register("alpha")
+        root = baseline_repo(tmp_path / "a")
+        assert requests.post(hub.url + "/api/git/push", data=bundle(tmp_path / "a"), headers=auth,
+                             timeout=30).status_code == 200
+        def diff():  # answered by nobody: the hub is killed meanwhile
+            with contextlib.suppress(requests.RequestException):
+                requests.get(f"{hub.url}/api/git/diff/{root}/{root}", headers=auth, timeout=30)
+        threading.Thread(target=diff, daemon=True).start()
+        for _ in range(200):
+            if os.path.exists(pid_file) and open(pid_file).read().strip():
+                break
+            time.sleep(0.05)
+        pid = int(open(pid_file).read())
+        assert alive(pid)
+    finally:
+        hub.kill()
+    for _ in range(100):
+        if not alive(pid):
+            break
+        time.sleep(0.05)
+    assert not alive(pid)
+
+
+# ---------------------------------------------------------------------------
+# The best commit of a platform (GET /api/best)
+# ---------------------------------------------------------------------------
+
+def test_best_is_the_lowest_mean_over_finished_results_on_the_platform(hub, tmp_path):
+    auth, beta = register(hub, "alpha"), register(hub, "beta")
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    repo = tmp_path / "a"
+    h = [baseline_repo(repo)] + [commit_file(repo, "train.py", f"LR = {i}\n", f"idea {i}") for i in range(4)]
+    push(hub, auth, bundle(repo))
+    slug = "h100-80gb-hbm3"
+
+    def result(commit, value, note="", platform=slug, who=auth, digits=7):
+        line = f"commit:{commit[:digits]} platform:{platform} val_bpb:{value} vram_gb:40.1 | {note}"
+        assert hub.post("/api/channels/results/posts", json={"content": line}, headers=who).status_code == 201
+
+    def best(platform=slug):
+        return hub.get(f"/api/best?platform={platform}", headers=auth)
+
+    assert best().status_code == 404
+    result(h[0], "1.000000", "baseline")
+    result(h[0], "1.020000", "baseline again", digits=12)  # a longer prefix of the same commit
+    result(h[1], "0.990000", "lower lr", who=beta)
+    result(h[1], "1.030000", "lower lr (DISCARD) on a repeat")  # a discarded repeat still counts: mean 1.01
+    result(h[2], "---", "bigger (CRASH: OOM)")                   # a crash does not count
+    result(h[3], "0.995000", "kept (DISCARD)")
+    result(h[4], "0.500000", "another platform", platform="cpu-amd-epyc-2c")
+    result("f" * 40, "0.100000", "a commit the hub does not have")
+    hub.post("/api/channels/results/posts", json={"content": f"commit:{h[2][:7]} val_bpb:0.1 garbage"}, headers=auth)
+    answer = best()
+    assert answer.status_code == 200
+    assert answer.json() == {"hash": h[3], "val_bpb": 0.995, "n": 1, "agent_id": "alpha", "message": "idea 2"}
+    result(h[0], "0.970000", "baseline, third run")  # mean of 1.00, 1.02, 0.97: 0.99633...
+    assert best().json()["hash"] == h[3]
+    result(h[0], "0.960000", "baseline, fourth run")  # mean 0.9875: now the lowest
+    body = best().json()
+    assert body["hash"] == h[0] and body["n"] == 4 and body["val_bpb"] == pytest.approx((1.0 + 1.02 + .97 + .96) / 4)
+    assert body["message"] == "baseline"
+    assert best("cpu-amd-epyc-2c").json()["hash"] == h[4]
+    assert best("apple-m2-max").status_code == 404
+    for bad in ("", "a b", "x" * 41, "-x"):
+        assert best(bad).status_code == 400
+    assert hub.get(f"/api/best?platform={slug}").status_code == 401
+
+
+def test_best_breaks_a_tie_by_the_first_result(hub, tmp_path):
+    auth = register(hub)
+    hub.post("/api/channels", json={"name": "results"}, headers=auth)
+    repo = tmp_path / "a"
+    h = [baseline_repo(repo)] + [commit_file(repo, "train.py", f"LR = {i}\n", f"idea {i}") for i in range(2)]
+    push(hub, auth, bundle(repo))
+    platform = "cpu-" + "x" * 36  # the longest tag: 40 characters
+    for commit, value in [(h[2], "0.9"), (h[1], "0.8"), (h[1], "1.0"), (h[0], "1.0")]:  # h2 and h1 tie at 0.9
+        line = f"commit:{commit[:7]} platform:{platform} val_bpb:{value} vram_gb:1.0 | run"
+        hub.post("/api/channels/results/posts", json={"content": line}, headers=auth)
+    answer = hub.get(f"/api/best?platform={platform}", headers=auth).json()
+    assert answer["hash"] == h[2] and answer["n"] == 1 and answer["val_bpb"] == 0.9

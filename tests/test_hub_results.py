@@ -8,9 +8,11 @@ import re
 import sqlite3
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from hub import dashboard
-from hub.results import parse_line, parse_post
+from hub.results import VAL_BPB_MAX, Value, commit_values, parse_line, parse_post
 
 # ---------------------------------------------------------------------------------------------------------
 # Real lines in every form
@@ -83,6 +85,95 @@ def test_parse_line_malformed_is_kept_as_unparsed(line):
     assert row["val_bpb"] is None and row["platform"] is None and row["commit"] is None
 
 
+@pytest.mark.parametrize("value, status", [
+    ("1.7e308", "unparsed"), ("100.000001", "unparsed"), ("1e3", "unparsed"),   # out of range: a typo or an attack
+    ("100", "keep"), ("99.9", "keep"), ("5e-324", "keep"), ("0.000001", "keep"),
+])
+def test_val_bpb_outside_a_sane_range_is_unparsed(value, status):
+    row = parse_line(f"commit:a1b2c3d platform:H100 val_bpb:{value} vram_gb:40 | x")
+    assert row["status"] == status
+    assert (row["val_bpb"] is None) == (status == "unparsed")
+    assert parse_line("commit:a1b2c3d platform:H100 val_bpb:0.99 vram_gb:1e308 | vram")["status"] == "unparsed"
+
+
+@pytest.mark.parametrize("platform, ok", [
+    ("h100-80gb-hbm3", True), ("cpu-amd-epyc-2c", True), ("apple-m2-max", True), ("nvidia-a100-sxm4-40gb", True),
+    ("cpu-amd-epyc-7b13-64c", True), ("rtx-4090.24gb", True), ("H100", True), ("M4-Max", True), ("4090", True),
+    ("a" * 40, True), ("a" * 41, False), ("-h100", False), ("h100/80gb", False), ("h100%2f", False),
+])
+def test_platform_slugs_from_train_py(platform, ok):
+    row = parse_line(f"commit:a1b2c3d platform:{platform} val_bpb:0.99 vram_gb:40 | x")
+    assert (row["platform"] == platform and row["status"] == "keep") if ok else row["status"] == "unparsed"
+
+
+@pytest.mark.parametrize("description, status", [
+    ("lr 0.04 (DISCARD)", "discard"), ("( discard: worse than parent)", "discard"), ("x (discarded)", "discard"),
+    # the markers need their parenthesis: words in a kept run's description are not markers
+    ("discarded the old warmup, kept the new one", "keep"), ("DISCARD: no, this one stays", "keep"),
+    ("undo the discard of wd", "keep"), ("crashed once at 8k, fine at 4k", "keep"), ("CRASH-proof loader", "keep"),
+    ("(DISCARDING nothing)", "keep"), ("bigger (CRASH: OOM)", "crash"), ("(crashed: NaN)", "crash"),
+])
+def test_markers_need_their_parenthesis(description, status):
+    assert parse_line(f"commit:a1b2c3d platform:H100 val_bpb:0.99 vram_gb:40 | {description}")["status"] == status
+
+
+def test_a_lone_surrogate_is_replaced_not_stored():
+    row = parse_line("commit:a1b2c3d platform:H100 val_bpb:0.99 vram_gb:40 | bad \ud800 text")
+    assert row["status"] == "keep" and row["description"] == "bad \ufffd text"
+    assert parse_line("\udfff")["raw"] == "\ufffd"
+    row["raw"].encode()   # storable as UTF-8
+
+
+def test_commit_values_by_hand():
+    values = commit_values([("ABCDEF1", 1.0), ("1234567", None), ("abcdef12", 1.02), ("1234567", 0.9),
+                            ("7654321", None)])
+    assert list(values) == ["abcdef1", "1234567"]     # in order of first finished run; crashes have no value
+    assert values["abcdef1"] == (pytest.approx(1.01), 2, pytest.approx(0.0141421356, rel=1e-6))
+    assert values["1234567"] == Value(0.9, 1, 0.0)
+    assert commit_values([]) == {}
+
+
+# result lines as a careless or hostile agent writes them: any value text, any description
+VALUES = st.one_of(st.floats(allow_nan=True, allow_infinity=True).map(repr), st.just("---"),
+                   st.sampled_from(["1.7e308", "1e999", "-0", "0", "100", "100.0000001", "5e-324", "nan", "0x1p3"]),
+                   st.text(max_size=8))
+LINES = st.one_of(
+    st.builds(lambda c, p, v, g, d: f"commit:{c} platform:{p} val_bpb:{v} vram_gb:{g} | {d}",
+              st.sampled_from(["a1b2c3d", "1111111", "a1b2c3d4", "ABCDEF0"]),
+              st.sampled_from(["h100-80gb-hbm3", "H100", "cpu-amd-epyc-2c", "x" * 40]), VALUES, VALUES,
+              st.text(max_size=60)),
+    st.text(max_size=200))
+
+
+@settings(max_examples=500, deadline=None)
+@given(LINES)
+def test_no_result_line_makes_a_row_the_page_cannot_hold(line):
+    row = parse_line(line)
+    assert row["status"] in ("keep", "discard", "crash", "unparsed")
+    if row["val_bpb"] is not None:
+        assert 0 < row["val_bpb"] <= VAL_BPB_MAX
+    row["raw"].encode(), row["description"].encode()   # storable as UTF-8
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(LINES, min_size=1, max_size=8), st.text(max_size=300))
+@example(["commit:a1b2c3d platform:H100 val_bpb:1.7e308 vram_gb:1 | kept, huge"], "")   # P7 of issue 20
+@example(["commit:a1b2c3d platform:H100 val_bpb:5e-324 vram_gb:1 | kept, tiny"], "[" * 300)
+def test_no_result_line_or_post_breaks_the_page_or_a_chart(lines, discussion):
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.executescript(SCHEMA)
+    dashboard.init_db(conn)
+    post(conn, "results", "a", "commit:2222222 platform:H100 val_bpb:1.0 vram_gb:1 | baseline")
+    for line in lines:
+        post(conn, "results", "b", line)
+    post(conn, "discussion", "c", discussion.encode("utf-8", "replace").decode())   # what the hub can store
+    runs = dashboard.platform_runs(conn)
+    dashboard.render_index(conn, runs, dashboard.records_version(conn)).encode()
+    for platform, s in runs.items():
+        assert dashboard.draw_chart(platform, s).startswith(b"<?xml")
+    conn.close()
+
+
 def test_parse_line_never_raises_and_bounds_raw():
     for thing in ["x" * 100_000, "\x00\x01|", "commit:" + "a" * 41, 12345, "commit:a1b2c3d platform:H100 val_bpb:"]:
         row = parse_line(thing)
@@ -131,16 +222,20 @@ def post(conn, channel, agent, content, t=0.0):
     conn.execute("COMMIT")
 
 
-def test_platform_summary_by_hand(db):
+def test_platform_runs_by_hand(db):
     lines = [  # (agent, line)
         ("ann", "commit:1111111 platform:H100 val_bpb:--- vram_gb:--- | first try (CRASH: import error)"),
         ("ann", "commit:2222222 platform:H100 val_bpb:1.000000 vram_gb:40 | baseline"),
         ("bob", "commit:3333333 platform:A100 val_bpb:1.100000 vram_gb:40 | baseline"),
         ("bob", "commit:4444444 platform:H100 val_bpb:0.990000 vram_gb:40 | lr up"),
         ("ann", "commit:5555555 platform:H100 val_bpb:1.020000 vram_gb:40 | gelu (DISCARD)"),
-        ("ann", "commit:6666666 platform:H100 val_bpb:0.995000 vram_gb:40 | kept by ann, not a record"),
+        ("ann", "commit:6666666 platform:H100 val_bpb:1.015000 vram_gb:40 | kept by ann, not a record"),
         ("bob", "commit:7777777 platform:H100 val_bpb:0.980000 vram_gb:40 | depth 10"),
         ("bob", "garbage"),
+        # repeats: the baseline, the best (its longer hash is the same commit), and a confirmation that undoes a keep
+        ("cat", "commit:2222222 platform:H100 val_bpb:1.020000 vram_gb:40 | baseline (rerun)"),
+        ("cat", "commit:7777777aa platform:H100 val_bpb:0.990000 vram_gb:40 | depth 10 (rerun)"),
+        ("cat", "commit:4444444 platform:H100 val_bpb:1.000000 vram_gb:40 | lr up, rerun: worse (DISCARD)"),
     ]
     for agent, line in lines:
         post(db, "results", agent, line)
@@ -148,49 +243,60 @@ def test_platform_summary_by_hand(db):
     s = dashboard.platform_runs(db)
     assert sorted(s) == ["A100", "H100"]
     h = s["H100"]
-    assert [r["x"] for r in h["rows"]] == [0, 1, 2, 3, 4, 5]           # crashes count as experiments
+    # one point per commit, at the mean of its runs, where its first run was (the crash counts as experiment 0);
+    # its status is the latest decision
+    assert [(p["key"], p["x"], p["n"], p["status"]) for p in h["points"]] == [
+        ("2222222", 1, 2, "keep"), ("4444444", 2, 2, "discard"), ("5555555", 3, 1, "discard"),
+        ("6666666", 4, 1, "keep"), ("7777777", 5, 2, "keep")]
+    assert [p["val_bpb"] for p in h["points"]] == pytest.approx([1.01, 0.995, 1.02, 1.015, 0.985])
+    assert h["points"][0]["sd"] == pytest.approx(0.02 / 2 ** 0.5) and h["points"][2]["sd"] == 0
     assert h["baseline"]["commit"] == "2222222"                        # first finished run, not the crash
-    assert [r["commit"] for r in h["kept"]] == ["2222222", "4444444", "6666666", "7777777"]
-    assert [r["running_best"] for r in h["kept"]] == [1.0, 0.99, 0.99, 0.98]
-    assert [r["record"] for r in h["kept"]] == [True, True, False, True]
+    assert [p["commit"] for p in h["kept"]] == ["2222222", "6666666", "7777777"]
+    assert [p["running_best"] for p in h["kept"]] == pytest.approx([1.01, 1.01, 0.985])
+    assert [p["record"] for p in h["kept"]] == [True, False, True]
     assert h["best"]["commit"] == "7777777" and h["best"]["agent"] == "bob"
-    assert h["n_crash"] == 1 and len(h["finished"]) == 5
+    assert h["n_crash"] == 1 and h["n_runs"] == 9 and h["n_kept"] == 3
     assert s["A100"]["best"]["val_bpb"] == 1.1 and s["A100"]["baseline"] is s["A100"]["best"]
-    assert dashboard.platform_summary(db) == summary_of(s)
-    html = dashboard.render_index(db, dashboard.platform_summary(db), dashboard.records_version(db))
+    assert dashboard.platform_runs(db, "A100") == {"A100": s["A100"]}
+    html = dashboard.render_index(db, s, dashboard.records_version(db))
     best_table = html[html.index('id="best"'):html.index('id="charts"')]
-    assert "0.980000" in best_table and "0.020000 (2.00%)" in best_table   # 1.0 -> 0.98: 2% lower
-    assert "depth 10" in best_table and "bob" in best_table and "1.100000" in best_table
+    row = best_table[best_table.index("<b>H100</b>"):]
+    row = row[:row.index("</tr>")]
+    assert '<b>0.985000</b></td><td class="num">2</td>' in row             # the mean, and how many runs
+    assert "0.025000 (2.48%)" in row                                        # 1.01 -> 0.985: 2.48% lower
+    assert "depth 10" in row and "bob" in row and "1.010000 <span" in row and "n=2, sd 0.014142" in row
+    assert "1.100000" in best_table
     assert "0.1000" not in html                                          # a discussion post is not a result
     unparsed = html[html.index('id="unparsed"'):]
     assert "garbage" in unparsed
     agents = html[html.index('id="agents"'):html.index('id="latest"')]
-    # ann: 1 crash, 1 keep (baseline), 1 discard, 1 keep; bob: 1 keep (A100 baseline), 2 keeps, 1 unparsed
+    # ann: 1 crash, 2 keeps, 1 discard; bob: 3 keeps, 1 unparsed; cat: 2 keeps, 1 discard. Best kept commit:
+    # ann's is the baseline (1.01; her 1.015 is worse), bob's depth 10 (0.985) and the A100 baseline
     assert ('<td>ann</td><td class="num">4</td><td class="num keep">2</td><td class="num discard">1</td>'
-            '<td class="num crash">1</td><td class="num unparsed">0</td>') in agents
+            '<td class="num crash">1</td><td class="num unparsed">0</td><td>1.010000 (H100)</td>') in agents
     assert ('<td>bob</td><td class="num">4</td><td class="num keep">3</td><td class="num discard">0</td>'
-            '<td class="num crash">0</td><td class="num unparsed">1</td>') in agents
+            '<td class="num crash">0</td><td class="num unparsed">1</td><td>1.100000 (A100), 0.985000 (H100)</td>'
+            ) in agents
+    assert '<td>cat</td><td class="num">3</td><td class="num keep">2</td><td class="num discard">1</td>' in agents
+    svg = dashboard.draw_chart("H100", h).decode()                     # the chart: one dot per commit
+    assert "1.010000 -&gt; 0.985000 (2.48% lower)" in svg and "Kept (3)" in svg and "Discarded (2" in svg
 
 
-def summary_of(runs):
-    """platform_runs reduced to what platform_summary returns (its rows without the chart's fields)."""
-    keys = ("id", "agent", "commit", "val_bpb", "status", "description")
-    pick = lambda r: {k: r[k] for k in keys} if r else None  # noqa: E731
-    return {p: dict(baseline=pick(s["baseline"]), best=pick(s["best"]), n_runs=s["n_runs"], n_kept=s["n_kept"],
-                    n_crash=s["n_crash"], version=s["version"]) for p, s in runs.items()}
-
-
-def test_platform_summary_equals_the_full_computation_on_a_swarm(tmp_path):
+def test_platform_runs_on_a_swarm_match_the_simulation(tmp_path):
     import sys
     sys.path.insert(0, os.path.dirname(__file__))
     import hub_fill
-    hub_fill.fill(tmp_path, 600, n_agents=7, platforms=("H100", "A100", "CPU", "M4-Max"), seed=3,
-                  extra_posts=[("results", "x", "commit:1234567 platform:TPU val_bpb:--- vram_gb:--- | (CRASH: x)")])
+    summary = hub_fill.fill(tmp_path, 600, n_agents=7, platforms=("H100", "A100", "CPU", "M4-Max"), seed=3,
+                            extra_posts=[("results", "x", "commit:1234567 platform:TPU val_bpb:--- vram_gb:--- | (CRASH: x)")])
     conn = sqlite3.connect(tmp_path / "hub.sqlite3")
     dashboard.init_db(conn)
     runs = dashboard.platform_runs(conn)
     assert sorted(runs) == ["A100", "CPU", "H100", "M4-Max", "TPU"] and runs["TPU"]["best"] is None
-    assert dashboard.platform_summary(conn) == summary_of(runs)
+    for platform, (val, short, agent, desc) in summary["best"].items():
+        best = runs[platform]["best"]
+        assert (best["commit"], best["agent"], best["description"]) == (short, agent, desc)
+        assert best["val_bpb"] == pytest.approx(val, abs=1e-12)
+        assert runs[platform]["baseline"]["val_bpb"] == pytest.approx(summary["baseline"][platform], abs=1e-12)
     assert dashboard.platform_runs(conn, "CPU") == {"CPU": runs["CPU"]}
     conn.close()
 

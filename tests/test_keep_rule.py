@@ -18,7 +18,7 @@ spec = importlib.util.spec_from_file_location("keep_rule_search", os.path.join(R
 search = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(search)
 
-RULES = [kr.rule_greedy, kr.rule_bootstrap, kr.RuleC(), search.RuleLong()]
+RULES = [kr.rule_greedy, kr.rule_greedy3, kr.rule_bootstrap, kr.RuleC(), search.RuleLong()]
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -57,6 +57,9 @@ def test_runs_per_idea_by_hand():
     # (a): one baseline run, then one run per idea
     assert (run_fixed(kr.rule_greedy, 1.0).decisions == 99).all()
     assert (run_fixed(kr.rule_greedy, -1.0).mu == -99.0).all()
+    # (a3): three baseline runs, then one run per idea
+    assert (run_fixed(kr.rule_greedy3, 1.0).decisions == 97).all()
+    assert (run_fixed(kr.rule_greedy3, -1.0).mu == -97.0).all()
     # (b): three baseline runs; a worse first run fails fast, a better idea takes three runs (32 decided, 1 run left)
     assert (run_fixed(kr.rule_bootstrap, 1.0).decisions == 97).all()
     helpful = run_fixed(kr.rule_bootstrap, -1.0)
@@ -74,6 +77,17 @@ def test_rule_c_runs_an_ambiguous_idea_twice():
     # baseline 3 runs; each idea: run 1 (diff -1.5, se 1.15: ambiguous), run 2 (se 0.91: -1.5 < -1.37, keep),
     # then one more run of the new best (3 runs again); 97 runs = 32 ideas of 3 runs + 1
     assert loop.keeps[0] == 32 and loop.runs[0] == 100 and loop.decisions[0] == 32
+
+
+def test_greedy3_compares_the_first_idea_with_the_baseline_mean_then_with_the_last_kept_run():
+    """Scripted runs (no randomness): baseline 1, 2, 0 (mean 1); the ideas measure as listed."""
+    script = iter([1.0, 2.0, 0.0] + [2.5, 0.5, 0.7, -1.0, -0.5] + [9.0] * 92)
+    loop = kr.Loop(1, 1.0, fixed(0.0), np.random.default_rng(0))
+    loop.rng = type("Scripted", (), {"standard_normal": staticmethod(lambda n: np.array([next(script)]))})()
+    kr.rule_greedy3(loop)
+    # 2.5 > mean 1: discard; 0.5 < 1: keep (the reference's rule, on the last run 0, would have discarded it);
+    # 0.7 > 0.5: discard; -1 < 0.5: keep; -0.5 > -1: discard; then every 9 is a discard
+    assert loop.keeps[0] == 2 and loop.decisions[0] == 97 and loop.sum_best[0] == -1.0 and loop.n_best[0] == 1
 
 
 def bootstrap_naive(idea, best):

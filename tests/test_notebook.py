@@ -42,8 +42,10 @@ for _t in ax.texts:
 _overlaps = [(p[4], q[4]) for i, p in enumerate(_boxes) for q in _boxes[i + 1:]
              if p[0] < q[1] - 0.5 and q[0] < p[1] - 0.5 and p[2] < q[3] - 0.5 and q[2] < p[3] - 0.5]
 _legend = [_t.get_text() for _t in ax.get_legend().get_texts()]
+_kept = [c for c in ax.collections if c.get_label().startswith("Kept (")][0].get_offsets().tolist()
+_best = [l for l in ax.lines if l.get_label() == "Running best"][0].get_ydata().tolist()
 print("CHECK " + _json.dumps({"ylim": list(ax.get_ylim()), "labels": len(_boxes), "overlaps": _overlaps,
-                             "legend": _legend}))
+                             "legend": _legend, "title": ax.get_title(), "kept": _kept, "best": _best}))
 '''
 
 
@@ -172,10 +174,10 @@ def test_normal_baseline_best_improvement_and_ranking(normal):
     assert f"Best:              {best:.6f}  (experiment {rows.index(best_row)}, {best_row[0]}" in output
     assert f"Total improvement: {base - best:.6f}  ({(base - best) / base:.2%} lower" in output
 
-    # ranking: the kept run with the largest gain over the previous kept run comes first
+    # ranking: the kept experiment with the largest gain over the previous kept one comes first
     gains = [(float(prev[1]) - float(row[1]), row[0]) for prev, row in zip(kept, kept[1:])]
     top_commit = max(gains, key=lambda g: g[0])[1]
-    ranking = output.split("Kept experiments by gain over the previous kept run:")[1]
+    ranking = output.split("Kept experiments by gain over the previous kept experiment:")[1]
     first_row = [line for line in ranking.splitlines() if re.search(r"\b[0-9a-f]{7}\b", line)][0]
     assert top_commit in first_row
     assert re.search(r"\s1\s", first_row)
@@ -226,6 +228,14 @@ REPEAT_ROWS = [
 ]
 
 
+def flat(points):
+    return [v for point in points for v in point]
+
+
+def check_of(output):
+    return json.loads(output.split("CHECK ", 1)[1].splitlines()[0])
+
+
 def test_repeated_runs_give_a_noise_floor_band_and_marks(kernel, tmp_path):
     import statistics
 
@@ -234,18 +244,78 @@ def test_repeated_runs_give_a_noise_floor_band_and_marks(kernel, tmp_path):
     for commit, value, _, status, _ in REPEAT_ROWS:
         if status != "crash":
             runs.setdefault(commit, []).append(float(value))
-    repeated = [v for v in runs.values() if len(v) > 1]
-    pooled = (sum((len(v) - 1) * statistics.variance(v) for v in repeated) / sum(len(v) - 1 for v in repeated)) ** 0.5
-    assert f"Noise floor: {pooled:.6f} (pooled standard deviation of 7 runs of 3 commits" in output
+    noise = statistics.stdev(runs["a0b1c2d"])  # the baseline's three runs, as program.md measures it
+    assert f"Noise floor: {noise:.6f} (standard deviation of the baseline's 3 runs)" in output
+    assert "Experiments: 7 (11 runs)" in output
     # gains between kept commits' means: b2c3d4e 0.0019 and 0718a9b 0.0058 are clear; e5f6071 gained 0.0003
     mean = {c: statistics.fmean(v) for c, v in runs.items()}
-    assert mean["b2c3d4e"] - mean["e5f6071"] < pooled < mean["a0b1c2d"] - mean["b2c3d4e"]
+    assert mean["b2c3d4e"] - mean["e5f6071"] < noise < mean["a0b1c2d"] - mean["b2c3d4e"]
     marked = output.split("Kept experiments whose gain is within the noise floor (1):")[1].splitlines()[1]
     assert "e5f6071" in marked and "rotary base 20000" in marked
-    check = json.loads(output.split("CHECK ", 1)[1].splitlines()[0])
-    assert f"Noise floor (±{pooled:.4f})" in check["legend"]
+    check = check_of(output)
+    assert f"Noise floor (±{noise:.4f})" in check["legend"]
     assert "Kept, gain within noise (1)" in check["legend"]
+    assert "Range of a repeated commit's runs (3)" in check["legend"]  # baseline, d4e5f60 and e5f6071
+    # one point per kept commit, at the mean of its runs, at its experiment number
+    assert flat(check["kept"]) == pytest.approx([0, mean["a0b1c2d"], 1, mean["b2c3d4e"], 4, mean["e5f6071"],
+                                                 6, mean["0718a9b"]])
     assert_png(tmp_path / "progress.png")
+
+
+def test_baseline_run_once_pools_the_repeated_commits(kernel, tmp_path):
+    """A log whose baseline ran once: the noise floor is the pooled sd of the commits that ran more than once."""
+    import statistics
+
+    rows = [("a0b1c2d", "0.997900", "44.0", "keep", "baseline")] + REPEAT_ROWS[3:]
+    output = run_notebook(kernel, tmp_path, tsv(rows))
+    repeated = [[0.9958, 0.9962], [0.9959, 0.9957]]
+    pooled = (sum(statistics.variance(v) for v in repeated) / 2) ** 0.5
+    assert f"Noise floor: {pooled:.6f} (pooled standard deviation of 4 runs of 2 commits" in output
+
+
+# The night of the issue that asked for means: the baseline run three times (two more runs killed by the timeout,
+# logged as crash rows), then a kept commit whose one lucky run (1.828643) was repeated (2.136335), a crash, a
+# discard, and a small kept gain within the noise.
+NIGHT = [
+    ("a1b2c3d", "0.000000", "0.0", "crash", "baseline (killed by the timeout)"),
+    ("a1b2c3d", "2.093805", "3.6", "keep", "baseline"),
+    ("a1b2c3d", "0.000000", "0.0", "crash", "baseline (killed by the timeout)"),
+    ("a1b2c3d", "2.101442", "3.6", "keep", "baseline"),
+    ("a1b2c3d", "2.087015", "3.6", "keep", "baseline"),
+    ("b2c3d4e", "1.828643", "3.7", "keep", "MATRIX_LR 0.05"),
+    ("b2c3d4e", "2.136335", "3.7", "keep", "MATRIX_LR 0.05"),
+    ("c3d4e5f", "0.000000", "0.0", "crash", "double the width (OOM)"),
+    ("d4e5f60", "2.050000", "3.6", "discard", "GeLU"),
+    ("e5f6071", "1.979000", "3.6", "keep", "warmdown 0.6"),
+    ("f607182", "1.975000", "3.6", "keep", "rotary base 20000"),
+]
+
+
+def test_a_commit_with_several_runs_is_one_point_at_their_mean(kernel, tmp_path):
+    import statistics
+
+    output = run_notebook(kernel, tmp_path, tsv(NIGHT), extra_cells=[CHECK_CELL])
+    base = statistics.fmean([2.093805, 2.101442, 2.087015])  # the crash rows do not count
+    lucky = statistics.fmean([1.828643, 2.136335])
+    noise = statistics.stdev([2.093805, 2.101442, 2.087015])  # not pooled with the 0.31 spread of b2c3d4e
+    assert "Experiments: 6 (11 runs)" in output
+    assert count(output, "KEEP") == 4 and count(output, "CRASH") == 1 and count(output, "DISCARD") == 1
+    assert f"Baseline:          {base:.6f}  (experiment 0, a1b2c3d; mean of 3 runs, sd {noise:.6f})" in output
+    assert f"Best:              1.975000  (experiment 5, f607182: rotary base 20000; 1 run)" in output
+    assert f"Total improvement: {base - 1.975:.6f}" in output
+    assert f"Noise floor: {noise:.6f} (standard deviation of the baseline's 3 runs)" in output
+    # the three baseline runs are one point, not three successive improvements; the lucky run is no point at all
+    check = check_of(output)
+    assert flat(check["kept"]) == pytest.approx([0, base, 1, lucky, 4, 1.979, 5, 1.975])
+    assert len(set(check["best"])) == 4 and min(check["best"]) == pytest.approx(1.975)
+    assert "1.828643" not in check["title"] and "12.66%" not in check["title"]
+    assert f"val_bpb {base:.6f} -> 1.975000 ({(base - 1.975) / base:.2%} lower" in check["title"]
+    # e5f6071 gained 0.0035 over b2c3d4e's mean and f607182 0.004 over e5f6071: within the baseline's noise (0.0072)
+    marked = output.split("Kept experiments whose gain is within the noise floor (2):")[1].splitlines()[1:3]
+    assert "e5f6071" in marked[0] and "f607182" in marked[1]
+    listing = output.split("Kept experiments by gain")[0]
+    assert re.search(r"b2c3d4e\s+2\s+" + f"{lucky:.6f}" + r"\s+" + f"{statistics.stdev([1.828643, 2.136335]):.6f}",
+                     listing)
 
 
 # ---------------------------------------------------------------------------

@@ -1,10 +1,10 @@
-"""program_agenthub.md against a live hub: three scripted agents run its commands as written.
+"""program_agenthub.md against a live hub: scripted agents run its commands as written.
 
 The commands are taken out of program_agenthub.md (its ```bash blocks and inline `spans`) and run with bash in
-three clones, against hub/server.py on loopback. The agents' choices (name, platform, description, hashes) fill
-the <placeholders>; the only other change is `uv run train.py` -> `python3 train.py`: train.py here is a fake
-that prints a result in a moment. Afterwards the hub's commits, leaves, children, diffs and posts must be exactly
-what the agents did.
+clones, against hub/server.py on loopback. The agents' choices (name, description, seed, hashes) fill the
+<placeholders>; the only other change is `uv run train.py` -> `python3 train.py`: train.py here is a fake that
+prints a result in a moment. Afterwards the hub's commits, leaves, children, diffs and posts must be exactly what
+the agents did.
 """
 
 import json
@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import textwrap
+import threading
 
 import pytest
 import requests
@@ -19,19 +20,30 @@ import requests
 from hub_helpers import GIT_ENV, ROOT, HubProcess, run_git
 
 # A stand-in for train.py: prints the platform line at start and train.py's summary block; val_bpb is a
-# function of the two constants the agents edit, best at LR = 0.05, WD = 0.1.
+# function of the two constants the agents edit, best at LR = 0.05, WD = 0.1, and of the seed (+0.01 a seed).
+# SLEEP makes it overstay any timeout.
 FAKE_TRAIN = '''\
-print("platform: testcpu")
+import os, time
+print("platform: test-cpu-2c")
 LR = 0.02
 WD = 0.0
-val_bpb = 1.0 + abs(LR - 0.05) * 10 + abs(WD - 0.1) * 2
+SLEEP = 0
+time.sleep(SLEEP)
+val_bpb = 1.0 + abs(LR - 0.05) * 10 + abs(WD - 0.1) * 2 + (int(os.environ.get("AUTORESEARCH_SEED", "42")) - 42) / 100
 print("---")
 print(f"val_bpb:          {val_bpb:.6f}")
-print("training_seconds: 300.1")
+print("training_seconds: 1.5")
+print("total_seconds:    2.0")
 print(f"peak_vram_mb:     {45000 + LR * 1000:.1f}")
 print("device:           cpu")
 '''
 RESULT_LINE = re.compile(r"commit:([0-9a-f]{7}) platform:(\S+) val_bpb:(\d\.\d{6}|---) vram_gb:(\d+\.\d|---) \| (.+)")
+
+with open(os.path.join(ROOT, "hub", "server.py"), encoding="utf-8") as _f:
+    _SERVER = _f.read()
+MISSING = [e for e in ("/api/baseline", "/api/best") if e not in _SERVER]
+needs_hub_endpoints = pytest.mark.skipif(bool(MISSING), reason=f"hub/server.py has no {' or '.join(MISSING)} endpoint "
+                                         "yet (the hub helper adds them; program_agenthub.md uses both)")
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +68,8 @@ class Agent:
 
     def __init__(self, program, hub, clone):
         self.program, self.hub, self.clone = program, hub, clone
-        self.env = dict(GIT_ENV, HUB=hub.url, HOME=str(clone.parent / (clone.name + "-home")))
+        # each its own author: agents committing the same tree in the same second make distinct commits
+        self.env = dict(GIT_ENV, HUB=hub.url, HOME=str(clone.parent / (clone.name + "-home")), GIT_AUTHOR_NAME=clone.name)
         os.makedirs(self.env["HOME"], exist_ok=True)
 
     def command(self, marker, **fill):
@@ -76,6 +89,14 @@ class Agent:
             assert result.returncode == 0, (marker, result.stdout, result.stderr)
         return result
 
+    def push(self):
+        """The push block of loop step 5 (setup step 4 pushes too, inside its if): the hashes the hub added."""
+        (block,) = [b for b in blocks(self.program) if b.splitlines()[1:2] and b.splitlines()[1].startswith("git bundle create")]
+        result = subprocess.run(["bash", "-c", block], cwd=self.clone, env=self.env, capture_output=True, text=True,
+                                timeout=120)
+        assert result.returncode == 0, result.stderr
+        return [c["hash"] for c in json.loads(result.stdout)["added"]]
+
     def json_lines(self, marker, **fill):
         return [json.loads(line) for line in self.run(marker, **fill).stdout.splitlines() if line.strip()]
 
@@ -90,17 +111,25 @@ class Agent:
     def head(self):
         return run_git(self.clone, "rev-parse", "HEAD")
 
-    def experiment(self, description, **constants):
-        """Edit, commit, run, read, post; returns val_bpb (None for a crash)."""
-        self.edit(**constants)
-        self.run("git add train.py && git commit", description=description)
-        self.run("uv run train.py > run.log 2>&1", ok=False)
+    def train(self, seed=42):
+        """The run command as written; returns val_bpb, or None for a crash (then the reason, from the log's end)."""
+        self.run("timeout ${T:-3600}", seed=str(seed))
+        assert (self.clone / "logs" / f"{self.head()[:7]}-{seed}.log").read_text() == (self.clone / "run.log").read_text()
         metrics = self.run('grep "^val_bpb:', ok=False).stdout
         if not metrics:
-            reason = self.run("tail -n 50 run.log").stdout.strip().splitlines()[-1]
-            self.post_result("crash", description, reason=reason)
             return None
         return float(re.search(r"^val_bpb:\s+(\S+)", metrics, re.MULTILINE).group(1))
+
+    def experiment(self, description, **constants):
+        """Edit, commit, run, read; a crash is posted; returns val_bpb (None for a crash)."""
+        self.edit(**constants)
+        self.run("git add train.py && git commit", description=description)
+        value = self.train()
+        if value is None:
+            tail = self.run("tail -c 3000 run.log").stdout.strip().splitlines()
+            reason = "killed by the timeout" if tail[-1] == "exit status: 124" else tail[-2]
+            self.post_result("crash", description, reason=reason)
+        return value
 
     def post_result(self, kind, description, **fill):
         marker = "val_bpb:---" if kind == "crash" else "val_bpb:$(awk"
@@ -113,88 +142,139 @@ class Agent:
         posts = self.json_lines('"$HUB/api/channels/results/posts?limit=50"')[0]
         return [RESULT_LINE.fullmatch(p["content"]).groups() for p in reversed(posts)]
 
-    def best(self, platform):
-        rows = [r for r in self.results() if r[1] == platform and r[2] != "---" and "(DISCARD)" not in r[4]]
-        return min(rows, key=lambda r: float(r[2]))
+    def best(self):
+        """The hub's answer to "best on my platform" (the last line of the read block): (hash, val_bpb, n)."""
+        answer = self.json_lines('"$HUB/api/best?platform=$PLATFORM"')[-1]
+        return answer["hash"], answer["val_bpb"], answer["n"]
+
+
+def make_upstream(path, train=FAKE_TRAIN, prepare="TIME_BUDGET = 300\n"):
+    path.mkdir()
+    run_git(path, "init", "-q", "-b", "main")
+    for name, text in [("train.py", train), ("prepare.py", prepare), ("README.md", "# autoresearch\n"),
+                       ("pyproject.toml", "[project]\nname = 'autoresearch'\n"), ("uv.lock", "version = 1\n"),
+                       (".gitignore", "results.tsv\nrun.log\n/logs/\n")]:
+        (path / name).write_text(text)
+    run_git(path, "add", ".")
+    run_git(path, "commit", "-q", "-m", "upstream")
+    return path
 
 
 @pytest.fixture
-def world(tmp_path, program):
-    """A hub, an upstream repository with the fake train.py, and three clones (gamma's prepare.py differs)."""
-    upstream = tmp_path / "upstream"
-    upstream.mkdir()
-    run_git(upstream, "init", "-q", "-b", "main")
-    for name, text in [("train.py", FAKE_TRAIN), ("prepare.py", "TIME_BUDGET = 300\n"),
-                       ("pyproject.toml", "[project]\nname = 'autoresearch'\n"), ("uv.lock", "version = 1\n"),
-                       ("README.md", "# autoresearch\n")]:
-        (upstream / name).write_text(text)
-    run_git(upstream, "add", ".")
-    run_git(upstream, "commit", "-q", "-m", "upstream")
-    hub = HubProcess(tmp_path / "hub")
-    agents = {}
-    for name in ("alpha", "beta", "gamma"):
-        run_git(tmp_path, "clone", "-q", str(upstream), name)
-        agents[name] = Agent(program, hub, tmp_path / name)
-    (tmp_path / "gamma" / "prepare.py").write_text("TIME_BUDGET = 600\n")  # another game: another baseline
-    run_git(tmp_path / "gamma", "commit", "-q", "-am", "a longer budget")
-    yield hub, agents
-    hub.kill()
+def hub(tmp_path):
+    process = HubProcess(tmp_path / "hub")
+    yield process
+    process.kill()
+
+
+def clone(program, hub, upstream, name):
+    run_git(upstream.parent, "clone", "-q", str(upstream), name)
+    return Agent(program, hub, upstream.parent / name)
 
 
 def setup_agent(agent, name):
+    """Setup steps 1 to 6 as written, then the baseline's result posted; returns the commit the agent is on."""
     agent.run("/api/register", name=name)
-    agent.run("uv run train.py > run.log 2>&1")
-    platform = agent.run('grep "^platform:" run.log').stdout.split()[1]
-    agent.run("export PLATFORM=", platform=platform)
-    agent.run("git checkout -q --orphan agenthub")
+    agent.run("api/baseline")
     channels = agent.json_lines('"name": "results"')
     assert all("name" in c or "exists" in c.get("error", "") for c in channels)
-    reads = agent.json_lines('"$HUB/api/git/leaves"')
-    assert len(reads) == 4 and all(isinstance(r, list) for r in reads)
-    # the baseline run: train.py as it is, its result posted, its commit pushed
-    agent.run("uv run train.py > run.log 2>&1")
+    assert agent.train() == pytest.approx(1.5)
+    env = agent.run("agenthub_env").stdout
+    assert env == "export PLATFORM=%s\nexport T=5\n" % re.search(r'platform: (\S+)"', (agent.clone / "train.py").read_text()).group(1)
     agent.post_result("ok", "baseline")
-    return agent.json_lines("git bundle create")[0]["added"]
+    return agent.head()
 
 
-def test_three_agents_follow_program_agenthub_as_written(world):
-    hub, agents = world
-    alpha, beta, gamma = agents["alpha"], agents["beta"], agents["gamma"]
-    # setup: alpha makes the baseline, beta starts from it (same prepare.py), gamma has another prepare.py
-    (a0,) = [c["hash"] for c in setup_agent(alpha, "alpha")]
+@needs_hub_endpoints
+def test_three_agents_starting_together_end_on_one_baseline(tmp_path, hub, program):
+    """Setup step 4 run by three agents at the same moment: each pushes a root, all three end on the same one."""
+    upstream = make_upstream(tmp_path / "upstream")
+    agents = [clone(program, hub, upstream, name) for name in ("alpha", "beta", "gamma")]
+    for agent, name in zip(agents, ("alpha", "beta", "gamma")):
+        agent.run("/api/register", name=name)
+    start = threading.Barrier(len(agents))
+    results = {}
+
+    def join(agent):
+        start.wait()
+        results[agent] = agent.run("api/baseline", ok=False)
+
+    threads = [threading.Thread(target=join, args=(agent,)) for agent in agents]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert all(results[a].returncode == 0 for a in agents), [results[a].stderr for a in agents]
+    heads = {agent.head() for agent in agents}
+    assert len(heads) == 1
+    (head,) = heads
+    prepare_py = run_git(agents[0].clone, "hash-object", "prepare.py")
+    creds = (agents[0].clone / ".git" / "agenthub_creds").read_text()
+    auth = {"Authorization": "Bearer " + re.search(r"HUB_KEY=(\S+)", creds).group(1)}
+    answer = requests.get(f"{hub.url}/api/baseline", params={"prepare_py": prepare_py}, headers=auth, timeout=60)
+    assert answer.status_code == 200 and answer.json()["hash"] == head
+    roots = requests.get(f"{hub.url}/api/git/commits", params={"roots": 1, "limit": 10}, headers=auth, timeout=60).json()
+    assert head in {r["hash"] for r in roots} and len(roots) <= 3
+    for agent in agents:
+        assert run_git(agent.clone, "ls-tree", "--name-only", "HEAD").split() == ["prepare.py", "pyproject.toml",
+                                                                               "train.py", "uv.lock"]
+        assert run_git(agent.clone, "rev-parse", "--abbrev-ref", "HEAD") == "agenthub"
+
+
+@needs_hub_endpoints
+def test_three_agents_follow_program_agenthub_as_written(tmp_path, hub, program):
+    upstream = make_upstream(tmp_path / "upstream")
+    alpha, beta = clone(program, hub, upstream, "alpha"), clone(program, hub, upstream, "beta")
+    # gamma plays another game (another prepare.py) on another platform
+    other = make_upstream(tmp_path / "other", train=FAKE_TRAIN.replace("test-cpu-2c", "test-gpu"),
+                          prepare="TIME_BUDGET = 600\n")
+    gamma = clone(program, hub, other, "gamma")
+
+    # setup: alpha's baseline is the hub's; beta pushes its own root, then moves to alpha's (same prepare.py)
+    a0 = setup_agent(alpha, "alpha")
     assert run_git(alpha.clone, "ls-tree", "--name-only", "HEAD").split() == ["prepare.py", "pyproject.toml",
                                                                            "train.py", "uv.lock"]
-    assert setup_agent(beta, "beta") == [] and beta.head() == a0  # nothing new: beta is on alpha's baseline
-    (g0,) = [c["hash"] for c in setup_agent(gamma, "gamma")]
+    assert setup_agent(beta, "beta") == a0
+    g0 = setup_agent(gamma, "gamma")
     assert g0 != a0 and run_git(gamma.clone, "show", "HEAD:prepare.py") == "TIME_BUDGET = 600"
+
+    # a repeated commit: alpha runs the baseline again with the next seed; its value is the mean of its results
+    assert alpha.train(seed=43) == pytest.approx(1.51)
+    alpha.post_result("ok", "baseline, second seed")
+    (best, value, n) = alpha.best()
+    assert best.startswith(a0[:7]) and n == 3 and value == pytest.approx((1.5 + 1.5 + 1.51) / 3)
 
     # alpha improves on the baseline and pushes
     assert alpha.experiment("raise LR to 0.04", LR=0.04) == pytest.approx(1.3)
     alpha.post_result("ok", "raise LR to 0.04")
-    (a1,) = [c["hash"] for c in alpha.json_lines("git bundle create")[0]["added"]]
+    (a1,) = alpha.push()
 
-    # beta reads the results, sees alpha's best, looks at its children, fetches it, builds on it
-    commit, _, val, _, _ = beta.best("testcpu")
-    assert (commit, val) == (a1[:7], "1.300000")
-    assert beta.json_lines("/children", hash=commit) == [[]]
-    beta.run("fetch/<hash>", hash=commit)
+    # beta asks the hub for the best on its platform, looks at its children, fetches it, builds on it
+    best, value, n = beta.best()
+    assert best.startswith(a1[:7]) and value == pytest.approx(1.3) and n == 1
+    assert beta.json_lines("/children", hash=a1[:7]) == [[]]
+    beta.run("fetch/<hash>", hash=a1[:7])
     assert beta.head() == a1
     assert beta.experiment("weight decay 0.1", WD=0.1) == pytest.approx(1.1)
     beta.post_result("ok", "weight decay 0.1")
-    (b1,) = [c["hash"] for c in beta.json_lines("git bundle create")[0]["added"]]
+    (b1,) = beta.push()
     assert beta.experiment("LR 0.09", LR=0.09) == pytest.approx(1.4)  # worse: posted as a discard, reset, not pushed
     beta.post_result("ok", "LR 0.09 (DISCARD)")
     beta.run("git reset --hard HEAD~1")
     assert beta.head() == b1
 
-    # gamma's run crashes: posted, reset
+    # gamma: a run that overstays the timeout taken from its baseline is killed; a crash; both posted and reset
+    assert gamma.experiment("sleep in the loop", SLEEP=30) is None
+    gamma.run("git reset --hard HEAD~1")
     assert gamma.experiment("divide by zero", WD="1 / 0") is None
     gamma.run("git reset --hard HEAD~1")
     assert gamma.head() == g0
+    best, value, n = gamma.best()
+    assert best.startswith(g0[:7]) and value == pytest.approx(1.5) and n == 1  # its platform, its game
 
     # alpha reads again, finds beta's commit on top of its own, checks the diff, builds on it
-    commit, _, val, _, _ = alpha.best("testcpu")
-    assert commit == b1[:7] and val == "1.100000"
+    best, value, _ = alpha.best()
+    assert best.startswith(b1[:7]) and value == pytest.approx(1.1)
     (children,) = alpha.json_lines("/children", hash=a1[:7])
     assert [c["hash"] for c in children] == [b1] and children[0]["agent_id"] == "beta"
     diff = alpha.run("/api/git/diff/", hash_a=a1[:7], hash_b=b1[:7]).stdout
@@ -204,25 +284,32 @@ def test_three_agents_follow_program_agenthub_as_written(world):
     assert alpha.head() == b1
     assert alpha.experiment("LR 0.05 on beta's weight decay", LR=0.05) == pytest.approx(1.0)
     alpha.post_result("ok", "LR 0.05 on beta's weight decay")
-    (a2,) = [c["hash"] for c in alpha.json_lines("git bundle create")[0]["added"]]
+    (a2,) = alpha.push()
     (post,) = alpha.json_lines("<markdown>", markdown="**LR 0.05 + WD 0.1** is the best so far.\n- next: warmup?")
     assert post["content"] == "**LR 0.05 + WD 0.1** is the best so far.\n- next: warmup?\n"
 
-    # alpha restarts: its identity is kept, no second registration
+    # alpha restarts: its identity is kept, no second registration, no second baseline
     creds = (alpha.clone / ".git" / "agenthub_creds").read_text()
     alpha.run("/api/register", name="alpha-again")
-    assert (alpha.clone / ".git" / "agenthub_creds").read_text() == creds
-    assert "export PLATFORM=testcpu" in creds and "export AGENT_ID=alpha" in creds
+    alpha.run("api/baseline")
+    assert (alpha.clone / ".git" / "agenthub_creds").read_text() == creds and alpha.head() == a2
+    assert "export PLATFORM=test-cpu-2c" in creds and "export AGENT_ID=alpha" in creds and "export T=5" in creds
+
+    # every run's log is kept by commit and seed
+    assert sorted(os.listdir(alpha.clone / "logs")) == sorted(
+        [f"{a0[:7]}-42.log", f"{a0[:7]}-43.log", f"{a1[:7]}-42.log", f"{a2[:7]}-42.log"])
 
     # the hub holds exactly what the agents did
     auth = {"Authorization": "Bearer " + re.search(r"HUB_KEY=(\S+)", creds).group(1)}
 
     get = lambda path: requests.get(hub.url + path, headers=auth, timeout=60).json()
     records = {c["hash"]: (c["parent_hash"], c["agent_id"], c["message"]) for c in get("/api/git/commits?limit=100")}
+    b0 = [h for h, (parent, agent, _) in records.items() if agent == "beta" and parent is None]
     assert records == {a0: (None, "alpha", "baseline"), a1: (a0, "alpha", "raise LR to 0.04"),
                        b1: (a1, "beta", "weight decay 0.1"), a2: (b1, "alpha", "LR 0.05 on beta's weight decay"),
-                       g0: (None, "gamma", "baseline")}
-    assert sorted(c["hash"] for c in get("/api/git/leaves")) == sorted([a2, g0])
+                       g0: (None, "gamma", "baseline"), **{h: (None, "beta", "baseline") for h in b0}}
+    assert len(b0) == 1  # beta's own root, pushed before it moved to alpha's
+    assert sorted(c["hash"] for c in get("/api/git/leaves")) == sorted([a2, g0] + b0)
     for parent, kids in [(a0, [a1]), (a1, [b1]), (b1, [a2]), (a2, []), (g0, [])]:
         assert [c["hash"] for c in get(f"/api/git/commits/{parent}/children")] == kids
     for a, b in [(a0, a1), (a1, b1), (b1, a2), (a0, a2)]:
@@ -231,18 +318,24 @@ def test_three_agents_follow_program_agenthub_as_written(world):
                                       text=True).stdout
     results = [(p["agent_id"],) + RESULT_LINE.fullmatch(p["content"]).groups()
                for p in reversed(get("/api/channels/results/posts?limit=50"))]
-    crash_commit = results[6][1]
+    killed, crashed = results[7][1], results[8][1]
     assert results == [
-        ("alpha", a0[:7], "testcpu", "1.500000", "44.0", "baseline"),
-        ("beta", a0[:7], "testcpu", "1.500000", "44.0", "baseline"),
-        ("gamma", g0[:7], "testcpu", "1.500000", "44.0", "baseline"),
-        ("alpha", a1[:7], "testcpu", "1.300000", "44.0", "raise LR to 0.04"),
-        ("beta", b1[:7], "testcpu", "1.100000", "44.0", "weight decay 0.1"),
-        ("beta", results[5][1], "testcpu", "1.400000", "44.0", "LR 0.09 (DISCARD)"),
-        ("gamma", crash_commit, "testcpu", "---", "---",
+        ("alpha", a0[:7], "test-cpu-2c", "1.500000", "44.0", "baseline"),
+        ("beta", a0[:7], "test-cpu-2c", "1.500000", "44.0", "baseline"),
+        ("gamma", g0[:7], "test-gpu", "1.500000", "44.0", "baseline"),
+        ("alpha", a0[:7], "test-cpu-2c", "1.510000", "44.0", "baseline, second seed"),
+        ("alpha", a1[:7], "test-cpu-2c", "1.300000", "44.0", "raise LR to 0.04"),
+        ("beta", b1[:7], "test-cpu-2c", "1.100000", "44.0", "weight decay 0.1"),
+        ("beta", results[6][1], "test-cpu-2c", "1.400000", "44.0", "LR 0.09 (DISCARD)"),
+        ("gamma", killed, "test-gpu", "---", "---", "sleep in the loop (CRASH: killed by the timeout)"),
+        ("gamma", crashed, "test-gpu", "---", "---",
          "divide by zero (CRASH: ZeroDivisionError: division by zero)"),
-        ("alpha", a2[:7], "testcpu", "1.000000", "44.0", "LR 0.05 on beta's weight decay"),
+        ("alpha", a2[:7], "test-cpu-2c", "1.000000", "44.0", "LR 0.05 on beta's weight decay"),
     ]
-    assert crash_commit not in {h[:7] for h in records}
+    assert killed not in {h[:7] for h in records} and crashed not in {h[:7] for h in records}
     assert [p["agent_id"] for p in get("/api/channels/discussion/posts")] == ["alpha"]
     assert [c["name"] for c in get("/api/channels")] == ["discussion", "results"]
+
+
+def test_program_agenthub_cites_nothing_outside_the_repository(program):
+    assert "../" not in program and "shared/" not in program and "AGENTHUB.md" not in program

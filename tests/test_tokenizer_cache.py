@@ -36,6 +36,9 @@ def _break(own_cache, how):
         os.remove(own_cache / "tokenizer.pkl")
     elif how == "vocab mismatch":
         torch.save(torch.ones(100, dtype=torch.int32), own_cache / "token_bytes.pt")
+    elif how == "token_bytes too long":  # one entry more than the vocabulary: token ids still index it
+        longer = torch.cat([torch.load(own_cache / "token_bytes.pt"), torch.ones(1, dtype=torch.int32)])
+        torch.save(longer, own_cache / "token_bytes.pt")
     elif how == "truncated pickle":
         data = (own_cache / "tokenizer.pkl").read_bytes()
         (own_cache / "tokenizer.pkl").write_bytes(data[: len(data) // 2])
@@ -47,6 +50,7 @@ BREAKAGES = {
     "no token_bytes": "token_bytes.pt is missing",
     "no tokenizer": "tokenizer.pkl is missing",
     "vocab mismatch": "has 8192 tokens but",
+    "token_bytes too long": "token_bytes.pt has 8193 entries",
     "truncated pickle": "tokenizer.pkl cannot be read",
     "garbage token_bytes": "token_bytes.pt cannot be read",
 }
@@ -62,7 +66,7 @@ def test_train_py_loaders_refuse_a_broken_pair(own_cache, how):
         assert BREAKAGES[how] in message and "uv run prepare.py" in message
 
 
-@pytest.mark.parametrize("how", ["no token_bytes", "vocab mismatch"])
+@pytest.mark.parametrize("how", ["no token_bytes", "vocab mismatch", "token_bytes too long"])
 def test_prepare_says_so_and_trains_a_broken_pair_again(own_cache, how, capsys):
     _break(own_cache, how)
     prepare.train_tokenizer()
