@@ -1,12 +1,13 @@
 """
 The hardware layer of train.py (fixed: the agent does not edit this file).
 
-    from hardware import AMP_DTYPE, ON_CUDA, fa3, ...
+    from hardware import ON_CUDA, fa3, select_precision, ...
 
 What differs between CUDA, MPS and CPU lives here, so that train.py holds only what is researched: the device
 and its capability, the precision, the attention kernel (Flash Attention 3 where it runs, else FlexAttention or
-SDPA behind FA3's own call), the memory fit of the batch, peak FLOP/s for MFU, the `platform:` name, and the
-CPU allocator setting. prepare.py decides the device (AUTORESEARCH_DEVICE); this module reads it.
+SDPA behind FA3's own call), the memory fit of the batch, the clock the time budget runs on and the load the run
+saw, peak FLOP/s for MFU, the `platform:` tag, and the CPU allocator setting. prepare.py decides the device
+(AUTORESEARCH_DEVICE); this module reads it.
 """
 
 import ctypes
@@ -16,6 +17,7 @@ import platform
 import re
 import resource
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -33,19 +35,76 @@ CAPABILITY = torch.cuda.get_device_capability() if ON_CUDA else None  # (major, 
 
 
 def select_amp_dtype(capability):
-    """The autocast dtype for a GPU of this compute capability (None: not CUDA).
+    """The autocast dtype for a GPU of this compute capability (None: not CUDA, float32 until measured).
 
     bf16 from Ampere (8.0) on, as the reference. Older GPUs (T4, V100, RTX 20xx) have no bf16 tensor cores
-    and emulate it slowly: fp16 with dynamic loss scaling there. float32 (no autocast) on CPU and MPS: CPUs
-    without bf16 units run bf16 matmuls ~100x slower than float32.
+    and emulate it slowly: fp16 with dynamic loss scaling there.
     """
     if capability is None:
         return torch.float32
     return torch.bfloat16 if capability >= (8, 0) else torch.float16
 
 
-AMP_DTYPE = select_amp_dtype(CAPABILITY)  # autocast and the rotary tables
-PRECISION = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, dynamic loss scaling"}.get(AMP_DTYPE, "float32")
+PRECISION_NAMES = {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast, dynamic loss scaling",
+                   torch.float32: "float32"}
+BF16_MIN_SPEEDUP = 1.5  # bf16 autocast on a CPU only where its matmuls run at least this much faster
+
+
+def bf16_matmul_speedup(model_dim, rows=256, max_seconds=0.5):
+    """How many times faster this CPU multiplies in bf16 than in float32, at the model's MLP shape:
+    (rows, model_dim) @ (model_dim, 4 * model_dim), the best of three timed calls per dtype after one untimed.
+
+    CPUs with bf16 units (AMX, AVX512-BF16, Arm BF16) run these 3-5x faster in bf16; CPUs without them convert
+    in software, 10-100x slower. bf16 stops after max_seconds of calls, so that the slow case costs a fraction
+    of a second. Returns (speedup, float32 seconds, bf16 seconds) per call.
+    """
+    gen = torch.Generator().manual_seed(0)
+    x, w = torch.randn(rows, model_dim, generator=gen), torch.randn(model_dim, 4 * model_dim, generator=gen)
+    best = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = x.to(dtype), w.to(dtype)
+        start, times = time.perf_counter(), []
+        for _ in range(4):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            times.append(time.perf_counter() - t0)
+            if time.perf_counter() - start > max_seconds:
+                break
+        best[dtype] = min(times[1:] or times)  # the first call packs the weights: untimed where there is a second
+    return best[torch.float32] / best[torch.bfloat16], best[torch.float32], best[torch.bfloat16]
+
+
+def select_precision(model_dim, probe=bf16_matmul_speedup):
+    """The autocast dtype and the `precision:` line's text (which and why), e.g. "bf16 autocast (compute
+    capability 9.0)" or "float32 (bf16 matmul 24x slower than float32 on this CPU: ...)".
+
+    CUDA: select_amp_dtype. MPS: float32. CPU: bf16 autocast where probe(model_dim) (bf16_matmul_speedup)
+    measures bf16 at least BF16_MIN_SPEEDUP times faster, else float32. AUTORESEARCH_PRECISION=bf16|fp32 forces
+    one. Raises SystemExit (one line) for another value, or a forced bf16 that this device cannot compute.
+    """
+    forced = os.environ.get("AUTORESEARCH_PRECISION", "").strip().lower()
+    if forced not in ("", "bf16", "fp32"):
+        raise SystemExit(f"AUTORESEARCH_PRECISION={forced!r}: expected bf16 or fp32")
+    if forced == "bf16":
+        try:
+            torch.ones(2, 2, dtype=torch.bfloat16, device=DEVICE_TYPE) @ torch.ones(2, 2, dtype=torch.bfloat16, device=DEVICE_TYPE)
+        except Exception as e:  # e.g. MPS before macOS 14
+            raise SystemExit(" ".join(f"AUTORESEARCH_PRECISION=bf16: this {DEVICE_TYPE} cannot compute in bf16 "
+                                      f"({type(e).__name__}: {e})".split())[:300])
+    if forced:
+        dtype = torch.bfloat16 if forced == "bf16" else torch.float32
+        return dtype, f"{PRECISION_NAMES[dtype]} (forced by AUTORESEARCH_PRECISION)"
+    if ON_CUDA:
+        dtype = select_amp_dtype(CAPABILITY)
+        return dtype, f"{PRECISION_NAMES[dtype]} (compute capability {CAPABILITY[0]}.{CAPABILITY[1]})"
+    if DEVICE_TYPE != "cpu":
+        return torch.float32, f"float32 (default on {DEVICE_TYPE})"
+    speedup, fp32_s, bf16_s = probe(model_dim)
+    dtype = torch.bfloat16 if speedup >= BF16_MIN_SPEEDUP else torch.float32
+    ratio = f"{speedup:.1f}x faster" if speedup >= 1 else f"{1 / speedup:.0f}x slower"
+    return dtype, (f"{PRECISION_NAMES[dtype]} (bf16 matmul {ratio} than float32 on this CPU: "
+                   f"{bf16_s * 1e3:.1f} vs {fp32_s * 1e3:.1f} ms at width {model_dim})")
+
 
 if DEVICE_TYPE == "cpu" and sys.platform == "linux":
     # glibc gives every freed block over 32 MB (one step's logits are 134 MB) back to the kernel, so each step
@@ -96,13 +155,13 @@ def peak_flops_for(name, dtype):
     return (row[column] or 0.0) if row and column else 0.0
 
 
-def get_peak_flops():
-    """Peak FLOP/s of this device in AMP_DTYPE for MFU; 0 (no MFU) on CPU, MPS and unknown GPUs. Prints one line
-    for a GPU not in PEAK_FLOPS."""
-    if not ON_CUDA:
+def get_peak_flops(dtype):
+    """Peak FLOP/s of this device computing in dtype (the autocast dtype), for MFU; 0 (no MFU) on CPU, MPS,
+    unknown GPUs and float32. Prints one line for a GPU not in PEAK_FLOPS."""
+    if not ON_CUDA or dtype not in (torch.bfloat16, torch.float16):
         return 0.0
     name = torch.cuda.get_device_name()
-    flops = peak_flops_for(name, AMP_DTYPE)
+    flops = peak_flops_for(name, dtype)
     if not flops:
         print(f"Unknown GPU {name!r}: MFU is reported as 0 (add its peak FLOP/s to PEAK_FLOPS)")
     return flops
@@ -150,7 +209,35 @@ def platform_name():
 
 
 # ---------------------------------------------------------------------------
-# Timing and memory readings
+# The time budget's clock, and the load the run saw
+# ---------------------------------------------------------------------------
+
+_START = time.time(), time.thread_time()  # wall and main-thread CPU seconds at import, for load_report
+
+
+def budget_clock():
+    """Seconds on the clock the time budget runs on: wall time (time.time) on CUDA and MPS, as the reference.
+
+    On a CPU: the main thread's CPU time (time.thread_time). With OMP_WAIT_POLICY=PASSIVE (train.py sets it
+    before torch starts) OpenMP's worker threads sleep instead of spinning when they wait, so the main thread
+    runs exactly while the step computes and not while other processes hold the cores: the budget buys about
+    as many steps on a busy machine as on a quiet one (bench/budget.py measures the candidates).
+    """
+    return time.time() if DEVICE_TYPE != "cpu" else time.thread_time()
+
+
+def load_report():
+    """What load the run saw, for the line after `device:`: "<share> (...)" where share is the fraction of the
+    wall time since import that the main thread ran (1.00: a core to itself all along; 0.50: other processes
+    held its core half the time), then the 1-minute load average against the cores this process may use."""
+    wall, cpu = time.time() - _START[0], time.thread_time() - _START[1]
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = f"; load average {os.getloadavg()[0]:.1f} on {cores} cores" if hasattr(os, "getloadavg") else ""
+    return f"{min(cpu / wall, 1.0):.2f} (share of the wall time the main thread ran{load})"
+
+
+# ---------------------------------------------------------------------------
+# Device sync and memory readings
 # ---------------------------------------------------------------------------
 
 def synchronize():

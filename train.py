@@ -16,26 +16,25 @@ import sys
 import time
 from dataclasses import dataclass
 
-# Set before torch starts CUDA, as the reference does: growable allocator segments (less fragmentation,
-# part of the reference's 45 GB peak) and no kernel-hub download bars in run.log.
+# Set before torch starts, as the reference does: growable allocator segments (less fragmentation, part of the
+# reference's 45 GB peak), no kernel-hub download bars in run.log, and OpenMP threads that sleep rather than spin
+# while they wait, so that on a CPU other processes' load does not eat the time budget (hardware.budget_clock).
 os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:True")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from prepare import MAX_SEQ_LEN, TIME_BUDGET, Tokenizer, check_val_split, evaluate_bpb, make_dataloader
-# The hardware layer (fixed, like prepare.py): device, precision, the attention kernel, memory fit, MFU
-from hardware import (AMP_DTYPE, ATTENTION_BACKEND, ATTENTION_REASON, DEVICE_MEMORY, DEVICE_REASON, DEVICE_TYPE,
-                      ON_CUDA, PRECISION, fa3, fit_device_batch, get_peak_flops, peak_memory_mb, platform_name,
-                      synchronize)
+# The hardware layer (fixed, like prepare.py): device, precision, the attention kernel, memory fit, clock, MFU
+from hardware import (ATTENTION_BACKEND, ATTENTION_REASON, DEVICE_MEMORY, DEVICE_REASON, DEVICE_TYPE, ON_CUDA,
+                      budget_clock, fa3, fit_device_batch, get_peak_flops, load_report, peak_memory_mb, platform_name,
+                      select_precision, synchronize)
 
-# Embedding storage and Muon's orthogonalisation: bf16 like the reference where autocast is bf16. fp16 runs keep
-# the embeddings in float32 (the loss scaler unscales only float32 gradients) and orthogonalise in float32 too:
-# ~3e11 FLOPs a step for the reference model, about 2% of a T4 step even at its peak FLOP/s.
-COMPUTE_DTYPE = torch.bfloat16 if AMP_DTYPE == torch.bfloat16 else torch.float32
-USE_COMPILE = True if ON_CUDA else False  # on CPU, compiling costs more of the 5 minutes than it saves (see README)
+USE_COMPILE = True if ON_CUDA else False  # on CPU, compiling costs more of the 5 minutes than it saves (docs/cpu.md)
+WARMUP_STEPS = 11 if USE_COMPILE else 0  # steps outside the time budget: the first ones compile
 
 # ---------------------------------------------------------------------------
 # GPT model
@@ -373,7 +372,7 @@ class MuonAdamW(torch.optim.Optimizer):
 
 # Where a line has two values, the first is the CUDA value (the reference's) and the `else` value applies on
 # CPU and MPS: the reference model would take ~1 min a step there, so they run a smaller profile, chosen by
-# 300 s runs on a 2-core CPU (README, "The CPU profile"). Edit the value for the device you run on.
+# 300 s runs on a 2-core CPU (docs/cpu.md). Edit the value for the device you run on.
 
 # Model architecture
 ASPECT_RATIO = 64                                # model_dim = DEPTH * ASPECT_RATIO
@@ -395,6 +394,15 @@ FINAL_LR_FRAC = 0.0       # final LR as a fraction of the initial one
 # Model size
 DEPTH = 8 if ON_CUDA else 4                      # number of transformer layers
 DEVICE_BATCH_SIZE = 128 if ON_CUDA else 16       # per-device batch size (CUDA halves it if it would not fit)
+
+# Precision: bf16 autocast where the device computes bf16 natively (CUDA from Ampere on; a CPU whose bf16 matmuls,
+# timed at this model's width, run faster than float32), fp16 with loss scaling on older GPUs, else float32.
+# AUTORESEARCH_PRECISION=bf16|fp32 forces one.
+AMP_DTYPE, PRECISION = select_precision(DEPTH * ASPECT_RATIO)
+# Embedding storage and Muon's orthogonalisation: bf16 like the reference where CUDA autocasts in bf16. fp16 runs
+# keep the embeddings in float32 (the loss scaler unscales only float32 gradients) and orthogonalise in float32:
+# ~3e11 FLOPs a step for the reference model, about 2% of a T4 step. CPUs gained nothing more from bf16 here.
+COMPUTE_DTYPE = (torch.bfloat16 if AMP_DTYPE == torch.bfloat16 else torch.float32) if ON_CUDA else torch.float32
 
 
 def build_model_config(depth, vocab_size):
@@ -444,7 +452,7 @@ def main():
     # Dynamic loss scaling for fp16, so small gradients do not flush to zero: the scaler unscales the gradients
     # before the optimizer step and skips the step when one is inf or NaN. A no-op in bf16 and float32.
     scaler = torch.amp.GradScaler(DEVICE_TYPE, enabled=AMP_DTYPE == torch.float16)
-    peak_flops = get_peak_flops()
+    peak_flops = get_peak_flops(AMP_DTYPE)
     print(f"Device: {DEVICE_TYPE} ({DEVICE_REASON}); precision: {PRECISION}; compile: {USE_COMPILE}")
     print(f"attention: {ATTENTION_BACKEND} ({ATTENTION_REASON})")
 
@@ -484,7 +492,7 @@ def main():
     last_print = 0.0
     while True:
         synchronize()
-        t0 = time.time()
+        t0, budget_t0 = time.time(), budget_clock()
         for _ in range(grad_accum_steps):
             with autocast_ctx:
                 loss = model(x, y)
@@ -510,8 +518,8 @@ def main():
 
         synchronize()
         dt = time.time() - t0
-        if step > 10:  # the first steps compile and warm up
-            total_training_time += dt
+        if step >= WARMUP_STEPS:
+            total_training_time += budget_clock() - budget_t0
 
         ema_beta = 0.9
         smooth_train_loss = ema_beta * smooth_train_loss + (1 - ema_beta) * train_loss_f
@@ -536,7 +544,7 @@ def main():
             gc.collect()
 
         step += 1
-        if step > 10 and total_training_time >= TIME_BUDGET:
+        if step >= WARMUP_STEPS and total_training_time >= TIME_BUDGET:
             break
     if on_terminal:
         print()
@@ -547,7 +555,7 @@ def main():
         val_bpb = evaluate_bpb(model, tokenizer, device_batch_size)
 
     t_end = time.time()
-    counted = TOTAL_BATCH_SIZE * (step - 10)
+    counted = TOTAL_BATCH_SIZE * (step - WARMUP_STEPS)
     steady_mfu = 100 * num_flops_per_token * counted / total_training_time / peak_flops if peak_flops and total_training_time > 0 else 0.0
     print("---")
     print(f"val_bpb:          {val_bpb:.6f}")
@@ -560,6 +568,7 @@ def main():
     print(f"num_params_M:     {num_params / 1e6:.1f}")
     print(f"depth:            {DEPTH}")
     print(f"device:           {DEVICE_TYPE}")
+    print(f"cpu_share:        {load_report()}")
 
 
 if __name__ == "__main__":

@@ -54,9 +54,11 @@ for key, value in overrides.items():
 if overrides.get("COMPILE"):
     # what USE_COMPILE=True does at import, applied afterwards
     train.USE_COMPILE = True
+    train.WARMUP_STEPS = 11
     train.adamw_step_fused = torch.compile(train.adamw_step_fused, dynamic=False, fullgraph=True)
     train.muon_step_fused = torch.compile(train.muon_step_fused, dynamic=False, fullgraph=True)
 print(f"tokens_per_step: {{train.TOTAL_BATCH_SIZE}}")
+print(f"warmup_steps: {{train.WARMUP_STEPS}}")
 train.main()
 """
 
@@ -74,13 +76,16 @@ def run(name, overrides, time_budget):
     overrides = {"TIME_BUDGET": time_budget, **overrides}
     code = DRIVER.format(root=ROOT, overrides=overrides, prepare_keys=PREPARE_KEYS)
     t0 = time.time()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # train.py sets OMP_WAIT_POLICY before torch starts; this driver starts torch first, so it is set here
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
     wall = time.time() - t0
     log_path = os.path.join(ROOT, "bench", f"cpu_profile_{name}.log")
     with open(log_path, "w") as f:
         f.write(proc.stdout.replace("\r", "\n") + proc.stderr)
     summary = parse_summary(proc.stdout)
     summary["tokens_per_step"] = int(re.search(r"tokens_per_step: (\d+)", proc.stdout).group(1)) if summary else 0
+    summary["warmup_steps"] = int(re.search(r"warmup_steps: (\d+)", proc.stdout).group(1)) if summary else 0
     epochs = re.findall(r"epoch: (\d+)", proc.stdout)
     summary["epoch"] = epochs[-1] if epochs else "?"
     summary["wall"] = wall
@@ -111,7 +116,7 @@ def main():
             print(f"{name:<10} {str(candidates[name]):<48} FAILED (see bench/cpu_profile_{name}.log)")
             continue
         steps, train_s, total_s = int(s["num_steps"]), float(s["training_seconds"]), float(s["total_seconds"])
-        tok_s = (steps - 11) * s["tokens_per_step"] / train_s  # steps 0..10 are not timed
+        tok_s = (steps - s["warmup_steps"]) * s["tokens_per_step"] / train_s  # warm-up steps are not timed
         print(f"{name:<10} {str(candidates[name]):<48} {steps:>6} {tok_s:>8.0f} {train_s:>8.1f} {total_s:>8.1f} "
               f"{total_s - train_s:>8.1f} {float(s['val_bpb']):>9.6f} {float(s['peak_vram_mb']):>8.0f} {s['epoch']:>5}", flush=True)
 

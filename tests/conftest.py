@@ -1,8 +1,9 @@
 """Shared test fixtures: a synthetic corpus in the ClimbMix shard layout and a trained tokenizer.
 
 Tests never touch the network or data outside their temporary folders: they write their own small shards.
-Every test runs on the CPU profile (AUTORESEARCH_DEVICE=cpu) so results do not
-depend on the machine.
+Every test runs on the CPU profile (AUTORESEARCH_DEVICE=cpu) in float32
+(AUTORESEARCH_PRECISION=fp32: no bf16 autocast on CPUs with bf16 units) so results
+do not depend on the machine.
 """
 
 import os
@@ -11,6 +12,7 @@ import sys
 import tempfile
 
 os.environ["AUTORESEARCH_DEVICE"] = "cpu"
+os.environ["AUTORESEARCH_PRECISION"] = "fp32"
 # The hub client never reaches the internet from a test: offline, an endpoint on a closed loopback port, no token,
 # no telemetry (it would ask the endpoint for its agent registry), and its cache in a temporary directory instead
 # of ~/.cache. Tests that use a loopback fake hub (tests/test_download.py) turn it back online for themselves.

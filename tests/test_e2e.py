@@ -25,7 +25,8 @@ SUMMARY = re.compile(
     r"num_steps:        \d+\n"
     r"num_params_M:     \d+\.\d\n"
     r"depth:            \d+\n"
-    r"device:           cpu\n\Z",
+    r"device:           cpu\n"
+    r"cpu_share:        [01]\.\d\d \(share of the wall time the main thread ran; load average \d+\.\d on \d+ cores\)\n\Z",
     re.MULTILINE,
 )
 
@@ -53,11 +54,13 @@ def test_train_prints_summary_block(train_stdout):
     assert SUMMARY.search(train_stdout), train_stdout[-2000:]
     values = summary_values(train_stdout)
     assert values["device"] == "cpu"
-    assert int(values["num_steps"]) > 10  # the first 10 steps are never counted
+    assert int(values["num_steps"]) >= 1  # on CPU every step counts (no warm-up steps: nothing compiles)
     assert float(values["training_seconds"]) >= 2.0
+    assert 0 < float(values["cpu_share"].split()[0]) <= 1
     assert float(values["mfu_percent"]) == 0.0  # no MFU on CPU
     assert 0.0 < float(values["val_bpb"]) < 10.0
     assert "Device: cpu" in train_stdout
+    assert "; precision: float32 (forced by AUTORESEARCH_PRECISION); compile: False" in train_stdout  # conftest
 
 
 def test_train_nan_loss_prints_fail_and_exits_1(e2e):

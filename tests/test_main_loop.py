@@ -3,8 +3,9 @@ the LR, momentum and weight-decay schedules reach the optimizer's groups at ever
 between steps, and the time budget counts the right steps.
 
 The clock is simulated: synchronize() (called just before a step's start time is read and just before its end
-time is read) advances a fake time.time() by DT seconds, so every step lasts exactly DT and the number of steps
-a budget buys is known in advance. Nothing here is timed.
+time is read) advances a fake clock by DT seconds, read both as time.time() and as the budget's clock
+(hardware.budget_clock), so every step lasts exactly DT and the number of steps a budget buys is known in
+advance. Nothing here is timed.
 """
 
 import gc
@@ -35,14 +36,17 @@ class FakeClock:
         return getattr(real_time, name)
 
 
-def run_main(monkeypatch, capsys, budget, batches=None):
-    """main() with a 1-layer model on 32-token rows, float32, the simulated clock and `budget` seconds.
+def run_main(monkeypatch, capsys, budget, batches=None, warmup_steps=0):
+    """main() with a 1-layer model on 32-token rows, float32, the simulated clock and `budget` seconds;
+    warmup_steps: 0 as on CPU and MPS, 11 as on CUDA (where the first steps compile).
 
     batches: an iterator to use instead of the training loader. Returns (stdout, summary dict).
     """
     clock = FakeClock()
     monkeypatch.setattr(train, "time", clock)
+    monkeypatch.setattr(train, "budget_clock", clock.time)
     monkeypatch.setattr(train, "synchronize", clock.tick)
+    monkeypatch.setattr(train, "WARMUP_STEPS", warmup_steps)
     for name, value in dict(DEPTH=1, ASPECT_RATIO=64, HEAD_DIM=64, MAX_SEQ_LEN=32, DEVICE_BATCH_SIZE=2,
                             TOTAL_BATCH_SIZE=4 * 32, TIME_BUDGET=budget).items():
         monkeypatch.setattr(train, name, value)
@@ -74,7 +78,7 @@ def test_schedules_reach_the_optimizer_groups(cache, monkeypatch, capsys):
         return real_step(self)
 
     monkeypatch.setattr(train.MuonAdamW, "step", spy)
-    _, summary = run_main(monkeypatch, capsys, budget=8 * DT)
+    _, summary = run_main(monkeypatch, capsys, budget=8 * DT, warmup_steps=11)
     steps = int(summary["num_steps"])
     assert len(seen) == len(schedule) == steps
     assert min(lrm for _, lrm in schedule) < 0.5  # deep into the warmdown, so a constant lr would be caught
@@ -93,16 +97,22 @@ def test_gradients_are_cleared_between_steps(cache, monkeypatch, capsys):
     batches = iter(lambda: (x, x.roll(-1, dims=1), 1), None)
     grads = []
     monkeypatch.setattr(train.MuonAdamW, "step", lambda self: grads.append(self.param_groups[0]["params"][0].grad.clone()))
-    _, summary = run_main(monkeypatch, capsys, budget=2 * DT, batches=batches)
-    assert len(grads) == int(summary["num_steps"]) >= 3
+    _, summary = run_main(monkeypatch, capsys, budget=3 * DT, batches=batches)
+    assert len(grads) == int(summary["num_steps"]) == 3
     assert grads[0].abs().sum() > 0
     for g in grads[1:]:
         torch.testing.assert_close(g, grads[0], rtol=1e-5, atol=0)
 
 
-def test_budget_counts_steps_after_the_warm_up(cache, monkeypatch, capsys):
-    """Each step lasts DT simulated seconds: a budget of 4 * DT buys 4 counted steps after the 11 uncounted
-    warm-up steps (0 to 10), and training_seconds reports the counted time only."""
-    _, summary = run_main(monkeypatch, capsys, budget=4 * DT)
-    assert int(summary["num_steps"]) == 11 + 4
+@pytest.mark.parametrize("warmup_steps", [0, 11])
+def test_budget_counts_steps_after_the_warm_up(cache, monkeypatch, capsys, warmup_steps):
+    """Each step lasts DT simulated seconds: a budget of 4 * DT buys 4 counted steps after the uncounted warm-up
+    steps (11 on CUDA, none on CPU), and training_seconds reports the counted time only."""
+    _, summary = run_main(monkeypatch, capsys, budget=4 * DT, warmup_steps=warmup_steps)
+    assert int(summary["num_steps"]) == warmup_steps + 4
     assert float(summary["training_seconds"]) == pytest.approx(4 * DT, abs=0.05)
+
+
+def test_warm_up_steps_only_where_something_compiles():
+    """The steps outside the budget exist for torch.compile: 11 where train.py compiles (CUDA), none here."""
+    assert (train.USE_COMPILE, train.WARMUP_STEPS) == (False, 0)

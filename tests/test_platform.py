@@ -370,3 +370,31 @@ def test_platform_line_on_this_cpu():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     name = hardware.platform_name()
     assert name.startswith("cpu-") and name.endswith(f"-{cores}c") and re.fullmatch(r"[a-z0-9.-]{1,40}", name)
+
+
+# ---------------------------------------------------------------------------
+# The budget's clock and the load line
+# ---------------------------------------------------------------------------
+
+def test_cpu_budget_clock_is_the_main_threads_cpu_time(monkeypatch):
+    """On a CPU the budget runs on the main thread's CPU time: time this thread spends not running (here asleep;
+    in a run, descheduled by other processes' load) is not spent from the budget. On CUDA and MPS: wall time."""
+    import time
+    before = hardware.budget_clock()
+    time.sleep(0.3)
+    assert hardware.budget_clock() - before < 0.1
+    x, give_up = torch.randn(256, 256), time.time() + 30
+    while hardware.budget_clock() - before < 0.2 and time.time() < give_up:  # computing spends it
+        x @ x
+    assert hardware.budget_clock() - before >= 0.2
+    for device_type in ("cuda", "mps"):
+        monkeypatch.setattr(hardware, "DEVICE_TYPE", device_type)
+        assert abs(hardware.budget_clock() - time.time()) < 1.0
+
+
+def test_load_report_gives_the_share_of_wall_time_and_the_load_average(monkeypatch):
+    import time
+    monkeypatch.setattr(hardware, "_START", (time.time() - 100.0, time.thread_time() - 25.0))
+    monkeypatch.setattr(hardware.os, "getloadavg", lambda: (3.04, 2.0, 1.0))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert hardware.load_report() == f"0.25 (share of the wall time the main thread ran; load average 3.0 on {cores} cores)"

@@ -143,7 +143,7 @@ def test_main_runs_the_fp16_path(cache, monkeypatch, capsys):
     out = capsys.readouterr().out
     assert out.startswith("platform: cpu-")
     summary = dict(line.split(":", 1) for line in out[out.rindex("---\n") + 4:].splitlines())
-    assert 0 < float(summary["val_bpb"]) < 20 and int(summary["num_steps"]) > 10
+    assert 0 < float(summary["val_bpb"]) < 20 and int(summary["num_steps"]) >= 1
     assert len(scalers) == int(summary["num_steps"]) and all(scalers)  # every step went through the loss scaler
 
 
@@ -201,3 +201,87 @@ def test_muon_casts_match_the_reference_in_bf16(monkeypatch, shape):
         assert close.float().mean() > 0.99
         assert torch.allclose(step, ref_step, rtol=1e-2, atol=0)
         ref_p = p.detach().clone()
+
+
+# ---------------------------------------------------------------------------
+# Precision by capability: hardware.select_precision, with the CPU's probe mocked
+# ---------------------------------------------------------------------------
+
+import hardware  # noqa: E402
+
+
+def probe_answering(speedup, calls=None):
+    """A stand-in for hardware.bf16_matmul_speedup that measures nothing and answers `speedup`."""
+    def probe(model_dim):
+        if calls is not None:
+            calls.append(model_dim)
+        return speedup, 0.010, 0.010 / speedup
+    return probe
+
+
+@pytest.mark.parametrize("speedup, dtype, words", [
+    (3.9, torch.bfloat16, "bf16 autocast (bf16 matmul 3.9x faster than float32 on this CPU"),  # AMX, AVX512-BF16
+    (1.5, torch.bfloat16, "bf16 autocast (bf16 matmul 1.5x faster"),
+    (1.2, torch.float32, "float32 (bf16 matmul 1.2x faster"),  # not enough to pay for the casts
+    (0.04, torch.float32, "float32 (bf16 matmul 25x slower than float32 on this CPU"),  # AVX2 only: this machine
+])
+def test_cpu_precision_follows_the_probe(monkeypatch, speedup, dtype, words):
+    monkeypatch.delenv("AUTORESEARCH_PRECISION")
+    calls = []
+    chosen, line = hardware.select_precision(256, probe=probe_answering(speedup, calls))
+    assert chosen == dtype and line.startswith(words), line
+    assert calls == [256]  # measured at the model's width
+    assert "width 256" in line and "\n" not in line
+
+
+@pytest.mark.parametrize("forced, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32), (" BF16 ", torch.bfloat16)])
+@pytest.mark.parametrize("speedup", [3.9, 0.04])
+def test_forced_precision_skips_the_probe(monkeypatch, forced, dtype, speedup):
+    monkeypatch.setenv("AUTORESEARCH_PRECISION", forced)
+    calls = []
+    chosen, line = hardware.select_precision(256, probe=probe_answering(speedup, calls))
+    assert chosen == dtype and line.endswith("(forced by AUTORESEARCH_PRECISION)") and calls == []
+
+
+def test_unknown_or_impossible_forced_precision_stops_with_one_line(monkeypatch):
+    monkeypatch.setenv("AUTORESEARCH_PRECISION", "fp16")
+    with pytest.raises(SystemExit, match=r"^AUTORESEARCH_PRECISION='fp16': expected bf16 or fp32$"):
+        hardware.select_precision(256, probe=probe_answering(3.9))
+    # a device that cannot compute in bf16: here, one this machine does not have at all
+    monkeypatch.setenv("AUTORESEARCH_PRECISION", "bf16")
+    monkeypatch.setattr(hardware, "DEVICE_TYPE", "mps" if not torch.backends.mps.is_available() else "meta-none")
+    with pytest.raises(SystemExit) as e:
+        hardware.select_precision(256, probe=probe_answering(3.9))
+    assert str(e.value).startswith("AUTORESEARCH_PRECISION=bf16: this ") and "cannot compute in bf16" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_mps_keeps_float32_and_cuda_goes_by_capability(monkeypatch):
+    monkeypatch.delenv("AUTORESEARCH_PRECISION")
+    calls = []
+    monkeypatch.setattr(hardware, "DEVICE_TYPE", "mps")
+    assert hardware.select_precision(256, probe=probe_answering(3.9, calls)) == (torch.float32, "float32 (default on mps)")
+    monkeypatch.setattr(hardware, "ON_CUDA", True)
+    monkeypatch.setattr(hardware, "DEVICE_TYPE", "cuda")
+    for capability, expected in [((9, 0), "bf16 autocast (compute capability 9.0)"),
+                                 ((7, 5), "fp16 autocast, dynamic loss scaling (compute capability 7.5)")]:
+        monkeypatch.setattr(hardware, "CAPABILITY", capability)
+        assert hardware.select_precision(512, probe=probe_answering(0.04, calls))[1] == expected
+    assert calls == []  # the probe is for CPUs only
+
+
+def test_the_probe_times_both_dtypes_at_the_model_width():
+    """The real probe, small: positive times, and the speedup is their ratio (on this AVX2-only machine bf16 is
+    the slower one; the test does not assume which)."""
+    speedup, fp32_s, bf16_s = hardware.bf16_matmul_speedup(64, rows=32)
+    assert fp32_s > 0 and bf16_s > 0 and speedup == pytest.approx(fp32_s / bf16_s)
+
+
+def test_cpu_bf16_keeps_float32_weights_and_muon(monkeypatch):
+    """With bf16 autocast on a CPU the embeddings and Muon stay float32 (COMPUTE_DTYPE: bf16 storage gained nothing
+    more there); the rotary tables follow autocast, and the loss still falls."""
+    assert train.COMPUTE_DTYPE == torch.float32 and not train.ON_CUDA
+    losses, _, model = train_steps(monkeypatch, torch.bfloat16, steps=3)
+    assert model.cos.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert losses[-1] < losses[0]
