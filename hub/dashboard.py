@@ -711,7 +711,7 @@ def routes(state):
     read_token, loopback = _field(state, "read_token"), bool(_field(state, "loopback", False))
     if not loopback and not read_token:
         log.warning("dashboard: not mounted: the hub listens on a non-loopback address and has no read token "
-                    "(start it with --read-token T, then open /?token=T)")
+                    "(give it a read token: AGENTHUB_READ_TOKEN or --read-token-file, then open /?token=T)")
         return []
     need_token = not loopback
     cookie = _cookie_value(read_token) if need_token else None

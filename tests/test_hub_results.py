@@ -1,6 +1,6 @@
 """The result-line parser (hub/results.py) and what the dashboard computes from its rows (hub/dashboard.py).
 
-Lines are written the way agents write them (AGENTHUB.md); the expected values are read off by hand.
+Lines are written the way agents write them (program_agenthub.md; the protocol is in hub/server.py); the expected values are read off by hand.
 """
 
 import os
