@@ -900,16 +900,19 @@ class GuardedH11(H11Protocol):
     """uvicorn's HTTP/1.1 connection with two more bounds (uvicorn times out idle keep-alive connections only,
     and its limit_concurrency answers 503 without closing anything, so slow connections pile up until the
     file descriptors run out): a connection must send its request headers within header_timeout_s; beyond
-    max_connections open, the one waiting longest for its headers (or idle) is closed."""
+    max_connections open, the one waiting longest for its headers (or idle) is closed, else the one sending its
+    body longest (slow bodies must not lock out new connections for body_timeout_s)."""
     max_connections, header_timeout_s = LIMITS["connections"], LIMITS["header_timeout_s"]
 
     def connection_made(self, transport):
         super().connection_made(transport)
         self.waiting_since = time.monotonic()
         if len(self.connections) > self.max_connections:
-            waiting = [c for c in self.connections if c.conn.their_state is h11.IDLE]
-            victim = min(waiting, key=lambda c: c.waiting_since, default=self)
-            log.warning("hub: %d connections open: closed the one that waited longest for its headers",
+            others = [c for c in self.connections if c is not self]
+            idle = [c for c in others if c.conn.their_state is h11.IDLE]
+            sending = [c for c in others if c.conn.their_state is h11.SEND_BODY]
+            victim = min(idle or sending or [self], key=lambda c: c.waiting_since)
+            log.warning("hub: %d connections open: closed the one that waited longest for its headers or body",
                         len(self.connections))
             victim.transport.close()
         self.loop.call_later(self.header_timeout_s, self.check_headers, self.waiting_since)

@@ -870,6 +870,27 @@ def test_slow_connections_do_not_block_a_request_and_do_not_flood_the_log(tmp_pa
     assert len(log.splitlines()) <= 6, log
 
 
+def test_slow_bodies_at_the_connection_cap_do_not_lock_out_a_request(tmp_path):
+    """P4 with bodies: connections that sent their headers and trickle a body were never evicted at the cap, so
+    a client holding `connections` of them locked every new connection out for body_timeout_s."""
+    hub = HubProcess(tmp_path / "d", args=["--limit", "connections=20", "--limit", "body_timeout_s=600"])
+    try:
+        auth = hub.register("alpha")
+        slow = []
+        for _ in range(40):
+            s = socket.create_connection(("127.0.0.1", hub.port), timeout=10)
+            s.sendall(b"POST /api/register HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 100\r\n\r\n{")  # and never the rest of the body
+            slow.append(s)
+        time.sleep(1)  # let the hub read every header, so that all of them are in their body
+        answer = requests.get(hub.url + "/api/channels", headers=auth, timeout=10)
+        assert answer.status_code == 200
+    finally:
+        for s in slow:
+            s.close()
+        hub.kill()
+
+
 def test_a_body_must_arrive_within_its_time_limit(tmp_path):
     """A client trickling its body holds its connection only until body_timeout_s (then 408)."""
     hub = HubProcess(tmp_path / "d", args=["--limit", "body_timeout_s=1"])
