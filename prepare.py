@@ -79,7 +79,7 @@ DEVICE_TYPE, DEVICE_REASON = detect_device()
 # ---------------------------------------------------------------------------
 
 # CUDA runs the reference exactly. CPU and MPS get a small profile chosen by
-# measurement on a 2-core CPU (see README): shorter context and fewer eval
+# measurement on a 2-core CPU (docs/cpu.md): shorter context and fewer eval
 # tokens, so that startup plus evaluation stay within a minute.
 if DEVICE_TYPE == "cuda":
     MAX_SEQ_LEN = 2048              # context length
@@ -680,7 +680,7 @@ def make_dataloader(tokenizer, B, T, split, buffer_size=1000):
     take the longest document that fits the remaining space (earliest among
     equals); if none fits, take the shortest (earliest among equals), crop it
     to the remaining space and drop its rest. Rows start with BOS and have no
-    padding. This is SPEC.md's algorithm, batch for batch; only the search is
+    padding. This is the reference's algorithm, batch for batch; only the search is
     faster (see _pack_rows).
 
     Yields:

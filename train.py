@@ -144,7 +144,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Initialise every parameter (after to_empty on the target device); see SPEC.md "Init"."""
+        """Initialise every parameter (after to_empty on the target device), as the reference does."""
         n_embd = self.config.n_embd
         s = 3**0.5 * n_embd**-0.5  # uniform bound with the std of N(0, 1/d)
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
@@ -264,7 +264,7 @@ def muon_step_fused(grads, params, momentum_buf, second_buf, momentum_t, lr_t, w
 
     Nesterov momentum, Polar Express orthogonalisation (Amsel et al. 2025) in
     COMPUTE_DTYPE, NorMuon variance reduction (Li et al. 2025) along red_dim
-    (-1: per row, -2: per column), cautious weight decay. See SPEC.md. The scalars are cast as the reference
+    (-1: per row, -2: per column), cautious weight decay. As the reference. The scalars are cast as the reference
     casts them (bf16 on CUDA, no-ops where COMPUTE_DTYPE is float32): they move the result at the 1e-3 level.
     """
     # Nesterov momentum, the momentum in the gradients' dtype

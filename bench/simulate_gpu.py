@@ -41,7 +41,7 @@ import train  # noqa: E402
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")  # eager flex on CPU
 
-REFERENCE_PEAK_MIB = 45060.2  # peak_vram_mb of the reference run on one H100 80GB (SPEC.md)
+REFERENCE_PEAK_MIB = 45060.2  # peak_vram_mb of the reference run on one H100 80GB (the reference's)
 REFERENCE_BATCH = 128
 GIB = 2**30
 
@@ -59,7 +59,7 @@ GPUS = [
 
 
 def reference_config():
-    """The reference GPTConfig: DEPTH 8, ASPECT_RATIO 64, HEAD_DIM 128, SSSL, T 2048, vocab 8192 (SPEC.md)."""
+    """The reference GPTConfig: DEPTH 8, ASPECT_RATIO 64, HEAD_DIM 128, SSSL, T 2048, vocab 8192 (the reference's)."""
     return train.GPTConfig(sequence_len=2048, vocab_size=8192, n_layer=8, n_head=4, n_kv_head=4, n_embd=512,
                            window_pattern="SSSL")
 

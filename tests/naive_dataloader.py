@@ -1,4 +1,4 @@
-"""The dataloader of SPEC.md written the obvious way: the reference the tests compare against.
+"""The reference's dataloader written the obvious way: the reference the tests compare against.
 
 Deliberately naive and independent of prepare's dataloader code: the buffer is a
 plain list in arrival order, every placement scans all of it, rows are filled one

@@ -1,4 +1,4 @@
-"""make_dataloader against a naive implementation of SPEC.md's algorithm (tests/naive_dataloader.py)."""
+"""make_dataloader against a naive implementation of the reference's algorithm (tests/naive_dataloader.py)."""
 
 import itertools
 import os

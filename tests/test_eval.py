@@ -1,4 +1,4 @@
-"""evaluate_bpb, the metric (SPEC.md, `evaluate_bpb`), checked against hand computations."""
+"""evaluate_bpb, the metric (the reference's `evaluate_bpb`), checked against hand computations."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The GPT in train.py against SPEC.md ("train.py — model"): init, structure, FLOPs and a naive forward."""
+"""The GPT in train.py against the reference's model: init, structure, FLOPs and a naive forward."""
 
 import math
 
@@ -213,7 +213,7 @@ def rms(x):
 
 
 def naive_forward(model, idx):
-    """The model of SPEC.md written out loop by loop in float64, reading the weights of `model`."""
+    """The reference's model written out loop by loop in float64, reading the weights of `model`."""
     cfg = model.config
     P = {name: p.detach().double() for name, p in model.named_parameters()}
     B, T = idx.shape

@@ -1,4 +1,4 @@
-"""MuonAdamW and the schedules of train.py against SPEC.md ("optimizer", "hyperparameters and loop").
+"""MuonAdamW and the schedules of train.py against the reference's.
 
 The references below are written from the SPEC text, one matrix at a time. On the
 CPU, train.py orthogonalises in float32 (COMPUTE_DTYPE), so the references do too.

@@ -148,11 +148,11 @@ def test_main_runs_the_fp16_path(cache, monkeypatch, capsys):
 
 
 # ---------------------------------------------------------------------------
-# The reference's dtypes inside the Muon step (SPEC.md, "Dtypes inside the Muon step")
+# The reference's dtypes inside the Muon step (the reference's, inside the Muon step)
 # ---------------------------------------------------------------------------
 
 def naive_muon_bf16(p, g, buf, buf2, lr, momentum, wd, beta2):
-    """One Muon step for one matrix with ns_steps=0, with the dtypes SPEC.md gives for CUDA. Returns the new
+    """One Muon step for one matrix with ns_steps=0, with the reference's dtypes on CUDA. Returns the new
     (p, buf, buf2). Written from the SPEC text, one operation at a time."""
     rows, cols = p.shape
     momentum = torch.tensor(momentum, dtype=torch.float32)  # cast to the gradient's dtype (float32)

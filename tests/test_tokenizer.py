@@ -1,4 +1,4 @@
-"""Tokenizer training and the Tokenizer wrapper (SPEC.md, "Tokenizer" and "`Tokenizer` wrapper")."""
+"""Tokenizer training and the Tokenizer wrapper, as the reference builds them."""
 
 import os
 
