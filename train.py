@@ -33,7 +33,7 @@ from hardware import (ATTENTION_BACKEND, ATTENTION_REASON, DEVICE_MEMORY, DEVICE
                       budget_clock, fa3, fit_device_batch, get_peak_flops, load_report, peak_memory_mb, platform_name,
                       select_precision, synchronize)
 
-USE_COMPILE = True if ON_CUDA else False  # on CPU, compiling costs more of the 5 minutes than it saves (docs/cpu.md)
+USE_COMPILE = ON_CUDA  # on CPU, compiling costs more of the 5 minutes than it saves (docs/cpu.md)
 WARMUP_STEPS = 11 if USE_COMPILE else 0  # steps outside the time budget: the first ones compile
 
 # ---------------------------------------------------------------------------
@@ -402,7 +402,7 @@ AMP_DTYPE, PRECISION = select_precision(DEPTH * ASPECT_RATIO)
 # Embedding storage and Muon's orthogonalisation: bf16 like the reference where CUDA autocasts in bf16. fp16 runs
 # keep the embeddings in float32 (the loss scaler unscales only float32 gradients) and orthogonalise in float32:
 # ~3e11 FLOPs a step for the reference model, about 2% of a T4 step. CPUs gained nothing more from bf16 here.
-COMPUTE_DTYPE = (torch.bfloat16 if AMP_DTYPE == torch.bfloat16 else torch.float32) if ON_CUDA else torch.float32
+COMPUTE_DTYPE = torch.bfloat16 if ON_CUDA and AMP_DTYPE == torch.bfloat16 else torch.float32
 
 
 def build_model_config(depth, vocab_size):
