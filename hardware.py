@@ -87,7 +87,8 @@ def select_precision(model_dim, probe=bf16_matmul_speedup):
         raise SystemExit(f"AUTORESEARCH_PRECISION={forced!r}: expected bf16 or fp32")
     if forced == "bf16":
         try:
-            torch.ones(2, 2, dtype=torch.bfloat16, device=DEVICE_TYPE) @ torch.ones(2, 2, dtype=torch.bfloat16, device=DEVICE_TYPE)
+            x = torch.ones(2, 2, dtype=torch.bfloat16, device=DEVICE_TYPE)
+            x @ x
         except Exception as e:  # e.g. MPS before macOS 14
             raise SystemExit(" ".join(f"AUTORESEARCH_PRECISION=bf16: this {DEVICE_TYPE} cannot compute in bf16 "
                                       f"({type(e).__name__}: {e})".split())[:300])
@@ -189,6 +190,11 @@ def platform_slug(device_type, name, cores=None):
     return prefix + (slug.strip("-.") or ("unknown" if prefix else device_type)) + suffix
 
 
+def usable_cores():
+    """The number of CPU cores this process may use (its affinity mask where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def platform_name():
     """This device's platform_slug: the GPU's name on CUDA, the chip's on MPS, else the CPU model and the
     number of cores this process may use."""
@@ -204,8 +210,7 @@ def platform_name():
             name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True).stdout
     except (OSError, StopIteration):
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return platform_slug(DEVICE_TYPE, name, cores)
+    return platform_slug(DEVICE_TYPE, name, usable_cores())
 
 
 # ---------------------------------------------------------------------------
@@ -231,8 +236,7 @@ def load_report():
     wall time since import that the main thread ran (1.00: a core to itself all along; 0.50: other processes
     held its core half the time), then the 1-minute load average against the cores this process may use."""
     wall, cpu = time.time() - _START[0], time.thread_time() - _START[1]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = f"; load average {os.getloadavg()[0]:.1f} on {cores} cores" if hasattr(os, "getloadavg") else ""
+    load = f"; load average {os.getloadavg()[0]:.1f} on {usable_cores()} cores" if hasattr(os, "getloadavg") else ""
     return f"{min(cpu / wall, 1.0):.2f} (share of the wall time the main thread ran{load})"
 
 
