@@ -43,7 +43,7 @@ DRIVER = """
 import os, sys, time
 sys.path.insert(0, {root!r})
 os.chdir({root!r})
-import torch, prepare, train
+import train, prepare, torch  # train first: it sets OMP_WAIT_POLICY (and the allocator) before torch starts
 overrides = {overrides!r}
 for key, value in overrides.items():
     if key == "COMPILE":
@@ -76,9 +76,7 @@ def run(name, overrides, time_budget):
     overrides = {"TIME_BUDGET": time_budget, **overrides}
     code = DRIVER.format(root=ROOT, overrides=overrides, prepare_keys=PREPARE_KEYS)
     t0 = time.time()
-    # train.py sets OMP_WAIT_POLICY before torch starts; this driver starts torch first, so it is set here
-    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     wall = time.time() - t0
     log_path = os.path.join(ROOT, "bench", f"cpu_profile_{name}.log")
     with open(log_path, "w") as f:
