@@ -50,11 +50,6 @@ runpy.run_path("train.py", run_name="__main__")
 BUSY = "while True: pass"
 
 
-def loadavg():
-    """The 1-minute load average, as /proc/loadavg (or os.getloadavg) gives it."""
-    return os.getloadavg()[0]
-
-
 def run_once(name, budget, busy, log_dir, timeout):
     """One train.py run under candidate `name` with `busy` competing processes. Returns a dict of the results."""
     clock, policy = CANDIDATES[name]
@@ -62,7 +57,7 @@ def run_once(name, budget, busy, log_dir, timeout):
     if policy:
         env["OMP_WAIT_POLICY"] = policy
     env.setdefault("PYTHONUNBUFFERED", "1")
-    load_before = loadavg()
+    load_before = os.getloadavg()[0]
     hogs = [subprocess.Popen([sys.executable, "-c", BUSY]) for _ in range(busy)]
     t0 = time.time()
     try:
@@ -70,8 +65,7 @@ def run_once(name, budget, busy, log_dir, timeout):
                              env=env, capture_output=True, text=True, timeout=timeout)
         text = out.stdout + out.stderr
     except subprocess.TimeoutExpired as e:
-        text = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        text += "\nTIMEOUT"
+        text = (e.stdout or b"").decode() + "\nTIMEOUT"  # bytes even with text=True (or None)
     finally:
         for hog in hogs:
             hog.kill()
@@ -105,9 +99,10 @@ def main(argv=None):
     header = (f"{'candidate':<20} {'load q':>6} {'steps q':>7} {'bpb q':>8} {'wall q':>6} {'share q':>7}   "
               f"{'load b':>6} {'steps b':>7} {'bpb b':>8} {'wall b':>6} {'share b':>7}   {'busy/quiet':>10}")
     print(header, flush=True)
+    timeout = 20 * args.budget + 600
     for name in names:
-        quiet = run_once(name, args.budget, 0, args.log_dir, timeout=20 * args.budget + 600)
-        busy = run_once(name, args.budget, args.busy, args.log_dir, timeout=20 * args.budget + 600)
+        quiet = run_once(name, args.budget, 0, args.log_dir, timeout)
+        busy = run_once(name, args.budget, args.busy, args.log_dir, timeout)
         ratio = busy["steps"] / quiet["steps"] if quiet["steps"] else float("nan")
         print(f"{name:<20} {quiet['load']:>6.2f} {quiet['steps']:>7} {quiet['val_bpb']:>8} {quiet['wall']:>6.0f} "
               f"{quiet['share']:>7}   {busy['load']:>6.2f} {busy['steps']:>7} {busy['val_bpb']:>8} {busy['wall']:>6.0f} "
