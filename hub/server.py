@@ -232,7 +232,7 @@ class Hub:
 
     def git(self, *args, **options):
         """store.git on repo.git, killed after git_timeout_s."""
-        return git(self.repo, *args, **dict(dict(timeout=self.limits["git_timeout_s"]), **options))
+        return git(self.repo, *args, **{"timeout": self.limits["git_timeout_s"], **options})
 
     @contextlib.contextmanager
     def transaction(self):
