@@ -141,6 +141,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from hub.results import PLATFORM_PATTERN
 from hub.store import COMMIT_FIELDS, LEAVES_WHERE, SCHEMA, HubError, connect, fsync_dir, git, known_commits, resolve
 
 # ---------------------------------------------------------------------------
@@ -174,7 +175,7 @@ LIMITS = dict(
 )
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-PLATFORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,39}")  # a slug like h100-80gb-hbm3 (hub/results.py)
+PLATFORM = re.compile(PLATFORM_PATTERN)  # a slug like h100-80gb-hbm3, as a result line names it
 BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 BASELINE_FILES = ("prepare.py", "pyproject.toml", "train.py", "uv.lock")  # exactly the files of a root commit
 EDITABLE = {"train.py"}   # the only file a non-root commit may change: prepare.py holds the metric
