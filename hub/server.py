@@ -672,12 +672,17 @@ def best(hub, platform):
 # HTTP: request parsing and the routes
 # ---------------------------------------------------------------------------
 
+def is_decimal(text):
+    """A string of at most 20 ASCII digits: isdigit alone lets through "²" (which int() refuses) and 5,000
+    digits (which int() refuses too)."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 async def read_body(request, limit, timeout):
     """The request body, at most limit bytes (HubError 413 beyond, without reading the rest), in at most timeout
     seconds (HubError 408: a client trickling its body holds a connection, not the hub)."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isascii() or not declared.isdigit() or len(declared) > 20
-                                 or int(declared) > limit):
+    if declared is not None and (not is_decimal(declared) or int(declared) > limit):
         raise HubError(413, f"body larger than {limit} bytes")
     chunks, size = [], 0
     try:
@@ -711,8 +716,7 @@ def int_param(request, name, default, low, high):
     value = request.query_params.get(name)
     if value is None:
         return default
-    # isdigit alone lets through "²" (which int() refuses) and 5,000 digits (which int() refuses too)
-    if not (value.isascii() and value.isdigit() and len(value) <= 20) or not low <= int(value) <= high:
+    if not is_decimal(value) or not low <= int(value) <= high:
         raise HubError(400, f"{name} must be an integer from {low} to {high}")
     return int(value)
 
