@@ -664,7 +664,8 @@ def render_commit(conn, diff, full):
     if results:
         means = []
         for p in sorted({p for _, p, _, _, _ in results if p}):
-            for v in commit_values((full, val) for _, q, val, _, _ in results if q == p).values():
+            v = commit_values((full, val) for _, q, val, _, _ in results if q == p).get(full[:KEY_CHARS])
+            if v is not None:   # None: only crashes on p
                 means.append(f'{esc(p)}: <b>{_bpb(v.mean)}</b> <span class="muted">(mean of {v.n}, sd {v.sd:.6f})</span>')
         if means:
             out.append(f'<p class="values">value: {"; ".join(means)}</p>')

@@ -23,9 +23,10 @@ from collections import namedtuple
 # Platforms are the slug train.py prints (`h100-80gb-hbm3`, `cpu-amd-epyc-2c`, `apple-m2-max`: at most 40
 # characters) or one short word from before the slugs (H100, 4090, M4-Max): a safe alphabet, because the
 # name goes into URLs. The four fields are separated by whitespace; the description follows the first '|'.
+PLATFORM_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._+-]{0,39}"   # also what /api/best accepts (hub/server.py)
 LINE = re.compile(
     r"""^\s*commit:(?P<commit>[0-9a-fA-F]{4,40})
-        \s+platform:(?P<platform>[A-Za-z0-9][A-Za-z0-9._+-]{0,39})
+        \s+platform:(?P<platform>""" + PLATFORM_PATTERN + r""")
         \s+val_bpb:(?P<val_bpb>\S+)
         \s+vram_gb:(?P<vram_gb>\S+)
         \s*\|(?P<description>.*)$""",

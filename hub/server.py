@@ -141,6 +141,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from hub.results import PLATFORM_PATTERN
 from hub.store import COMMIT_FIELDS, LEAVES_WHERE, SCHEMA, HubError, connect, fsync_dir, git, known_commits, resolve
 
 # ---------------------------------------------------------------------------
@@ -174,7 +175,7 @@ LIMITS = dict(
 )
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
-PLATFORM = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,39}")  # a slug like h100-80gb-hbm3 (hub/results.py)
+PLATFORM = re.compile(PLATFORM_PATTERN)  # a slug like h100-80gb-hbm3, as a result line names it
 BLOB = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 BASELINE_FILES = ("prepare.py", "pyproject.toml", "train.py", "uv.lock")  # exactly the files of a root commit
 EDITABLE = {"train.py"}   # the only file a non-root commit may change: prepare.py holds the metric
@@ -232,7 +233,7 @@ class Hub:
 
     def git(self, *args, **options):
         """store.git on repo.git, killed after git_timeout_s."""
-        return git(self.repo, *args, **dict(dict(timeout=self.limits["git_timeout_s"]), **options))
+        return git(self.repo, *args, **{"timeout": self.limits["git_timeout_s"], **options})
 
     @contextlib.contextmanager
     def transaction(self):
@@ -671,12 +672,17 @@ def best(hub, platform):
 # HTTP: request parsing and the routes
 # ---------------------------------------------------------------------------
 
+def is_decimal(text):
+    """A string of at most 20 ASCII digits: isdigit alone lets through "²" (which int() refuses) and 5,000
+    digits (which int() refuses too)."""
+    return text.isascii() and text.isdigit() and len(text) <= 20
+
+
 async def read_body(request, limit, timeout):
     """The request body, at most limit bytes (HubError 413 beyond, without reading the rest), in at most timeout
     seconds (HubError 408: a client trickling its body holds a connection, not the hub)."""
     declared = request.headers.get("content-length")
-    if declared is not None and (not declared.isascii() or not declared.isdigit() or len(declared) > 20
-                                 or int(declared) > limit):
+    if declared is not None and (not is_decimal(declared) or int(declared) > limit):
         raise HubError(413, f"body larger than {limit} bytes")
     chunks, size = [], 0
     try:
@@ -710,8 +716,7 @@ def int_param(request, name, default, low, high):
     value = request.query_params.get(name)
     if value is None:
         return default
-    # isdigit alone lets through "²" (which int() refuses) and 5,000 digits (which int() refuses too)
-    if not (value.isascii() and value.isdigit() and len(value) <= 20) or not low <= int(value) <= high:
+    if not is_decimal(value) or not low <= int(value) <= high:
         raise HubError(400, f"{name} must be an integer from {low} to {high}")
     return int(value)
 
