@@ -27,6 +27,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import huggingface_hub
 import pytest
 from huggingface_hub import constants as hf_constants
 
@@ -351,7 +352,7 @@ def test_the_hub_clients_closed_session_is_one_line(data_dir, monkeypatch):
     """A thread's refused connection makes huggingface_hub close the client that the other threads use."""
     def closed(*args, **kwargs):
         raise RuntimeError("Cannot send a request, as the client has been closed.")
-    monkeypatch.setattr(prepare, "hf_hub_download", closed)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", closed)  # imported on use
     assert prepare.download_shard(0, None, data_dir) == (NAME, "RuntimeError: Cannot send a request, as the client "
                                                                "has been closed.")
     assert cache_listing(data_dir) == []
