@@ -32,7 +32,7 @@ import pytest
 from huggingface_hub import constants as hf_constants
 
 import prepare
-from conftest import ROOT, make_documents, point_prepare_at, write_shard
+from conftest import ROOT, closed_port_url, make_documents, point_prepare_at, write_shard
 
 HUB_PREFIX = f"/datasets/{prepare.HF_REPO}/resolve/main/"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -203,13 +203,6 @@ def point_hub_at(monkeypatch, url):
     monkeypatch.setattr(hf_constants, "ENDPOINT", url)
     monkeypatch.setattr(hf_constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
-
-
-def closed_port_url():
-    """http://127.0.0.1:<a port nobody listens on>"""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 @pytest.fixture
