@@ -137,21 +137,26 @@ def verify_shard(path):
     return None
 
 
-def _mirror(source):
-    """(requests session, base URL) for an http(s) source; (None, directory) for any other."""
+def _local_dir(source):
+    """The directory that a --data-url names (a path or a file:// URL), or None for an http(s) URL."""
+    url = urllib.parse.urlparse(source)
+    if url.scheme in ("http", "https"):
+        return None
+    return urllib.parse.unquote(url.path) if url.scheme == "file" else os.path.expanduser(source)
+
+
+def _mirror_session(url):
+    """A requests session for the http(s) mirror `url`."""
     import requests
     from requests.adapters import HTTPAdapter
     from urllib3.util.retry import Retry
 
-    url = urllib.parse.urlparse(source)
-    if url.scheme not in ("http", "https"):  # a directory, or a file:// URL of one
-        return None, urllib.parse.unquote(url.path) if url.scheme == "file" else os.path.expanduser(source)
     # connection errors, 429 and 5xx: DOWNLOAD_ATTEMPTS tries, 2, 4, 8 s apart or as long as Retry-After asks
     retry = Retry(total=DOWNLOAD_ATTEMPTS - 1, backoff_factor=1, status_forcelist=(429, 500, 502, 503, 504),
                   retry_after_max=RETRY_AFTER_MAX)
     session = requests.Session()
-    session.mount(f"{url.scheme}://", HTTPAdapter(max_retries=retry))
-    return session, source.rstrip("/")
+    session.mount(f"{urllib.parse.urlparse(url).scheme}://", HTTPAdapter(max_retries=retry))
+    return session
 
 
 def _one_line(e):
@@ -177,13 +182,14 @@ def download_shard(index, source=None, data_dir=None):
         os.remove(path)
     os.makedirs(partial_dir, exist_ok=True)
     try:
-        session, where = _mirror(source) if source else (None, None)
+        directory = _local_dir(source) if source else None
         if source is None:
             hf_hub_download(HF_REPO, filename, repo_type="dataset", local_dir=partial_dir)
-        elif session is None:
-            shutil.copyfile(os.path.join(where, filename), partial)
+        elif directory is not None:
+            shutil.copyfile(os.path.join(directory, filename), partial)
         else:  # a body cut off mid-way is not retried: the shard fails, a rerun fetches it
-            with session.get(f"{where}/{filename}", stream=True, timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+            with _mirror_session(source).get(f"{source.rstrip('/')}/{filename}", stream=True,
+                                             timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
                 r.raise_for_status()
                 with open(partial, "wb") as f:
                     for chunk in r.iter_content(1 << 20):
@@ -213,10 +219,11 @@ def _stated_size(source, index):
     try:
         if source is None:
             return get_hf_file_metadata(hf_hub_url(HF_REPO, filename, repo_type="dataset")).size
-        session, where = _mirror(source)
-        if session is None:
-            return os.path.getsize(os.path.join(where, filename))
-        with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT) as r:
+        directory = _local_dir(source)
+        if directory is not None:
+            return os.path.getsize(os.path.join(directory, filename))
+        with requests.head(f"{source.rstrip('/')}/{filename}", allow_redirects=True,
+                           timeout=hf_constants.HF_HUB_ETAG_TIMEOUT) as r:
             return int(r.headers["Content-Length"]) if r.ok and r.headers.get("Content-Length", "").isdigit() else None
     except (OSError, httpx.HTTPError):
         return None
