@@ -27,17 +27,11 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.pool import ThreadPool
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import requests
 import torch
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
-from requests.adapters import HTTPAdapter
 from tqdm import tqdm
-from urllib3.util.retry import Retry
 
 # ---------------------------------------------------------------------------
 # Device (the same detection decides train.py's device and defaults)
@@ -124,6 +118,8 @@ def shard_filename(index):
 # From the hub through huggingface_hub (HF_ENDPOINT, HF_TOKEN, HF_HUB_* settings, Xet; its retries and resumption)
 # or from --data-url: a directory, a file:// URL or an http(s) mirror (urllib3 retries). A file lands in
 # DATA_DIR/.partial/ and is renamed into DATA_DIR only once verify_shard() accepts it.
+# The HTTP clients (huggingface_hub, httpx, requests) are imported inside the functions that use them: train.py
+# imports this module and downloads nothing, so they would only lengthen its start-up (about a second).
 
 def verify_shard(path):
     """None when `path` is a readable parquet file with a string column `text`, else why not (str); never raises.
@@ -141,17 +137,26 @@ def verify_shard(path):
     return None
 
 
-def _mirror(source):
-    """(requests session, base URL) for an http(s) source; (None, directory) for any other."""
+def _local_dir(source):
+    """The directory that a --data-url names (a path or a file:// URL), or None for an http(s) URL."""
     url = urllib.parse.urlparse(source)
-    if url.scheme not in ("http", "https"):  # a directory, or a file:// URL of one
-        return None, urllib.parse.unquote(url.path) if url.scheme == "file" else os.path.expanduser(source)
+    if url.scheme in ("http", "https"):
+        return None
+    return urllib.parse.unquote(url.path) if url.scheme == "file" else os.path.expanduser(source)
+
+
+def _mirror_session(url):
+    """A requests session for the http(s) mirror `url`."""
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
+
     # connection errors, 429 and 5xx: DOWNLOAD_ATTEMPTS tries, 2, 4, 8 s apart or as long as Retry-After asks
     retry = Retry(total=DOWNLOAD_ATTEMPTS - 1, backoff_factor=1, status_forcelist=(429, 500, 502, 503, 504),
                   retry_after_max=RETRY_AFTER_MAX)
     session = requests.Session()
-    session.mount(f"{url.scheme}://", HTTPAdapter(max_retries=retry))
-    return session, source.rstrip("/")
+    session.mount(f"{urllib.parse.urlparse(url).scheme}://", HTTPAdapter(max_retries=retry))
+    return session
 
 
 def _one_line(e):
@@ -165,6 +170,10 @@ def download_shard(index, source=None, data_dir=None):
 
     A cached copy that verify_shard() rejects is fetched again; a fetched file is synced and renamed
     into place only once verify_shard() accepts it. Returns (filename, None), or (filename, one line of error)."""
+    import httpx
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import hf_hub_download
+
     filename, partial_dir = shard_filename(index), os.path.join(data_dir or DATA_DIR, ".partial")
     path, partial = os.path.join(data_dir or DATA_DIR, filename), os.path.join(partial_dir, filename)
     if os.path.exists(path):
@@ -173,13 +182,14 @@ def download_shard(index, source=None, data_dir=None):
         os.remove(path)
     os.makedirs(partial_dir, exist_ok=True)
     try:
-        session, where = _mirror(source) if source else (None, None)
+        directory = _local_dir(source) if source else None
         if source is None:
             hf_hub_download(HF_REPO, filename, repo_type="dataset", local_dir=partial_dir)
-        elif session is None:
-            shutil.copyfile(os.path.join(where, filename), partial)
+        elif directory is not None:
+            shutil.copyfile(os.path.join(directory, filename), partial)
         else:  # a body cut off mid-way is not retried: the shard fails, a rerun fetches it
-            with session.get(f"{where}/{filename}", stream=True, timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
+            with _mirror_session(source).get(f"{source.rstrip('/')}/{filename}", stream=True,
+                                             timeout=hf_constants.HF_HUB_DOWNLOAD_TIMEOUT) as r:
                 r.raise_for_status()
                 with open(partial, "wb") as f:
                     for chunk in r.iter_content(1 << 20):
@@ -200,14 +210,20 @@ def download_shard(index, source=None, data_dir=None):
 
 def _stated_size(source, index):
     """Bytes that `source` states for shard `index` (a HEAD request, not retried), or None."""
+    import httpx
+    import requests
+    from huggingface_hub import constants as hf_constants
+    from huggingface_hub import get_hf_file_metadata, hf_hub_url
+
     filename = shard_filename(index)
     try:
         if source is None:
             return get_hf_file_metadata(hf_hub_url(HF_REPO, filename, repo_type="dataset")).size
-        session, where = _mirror(source)
-        if session is None:
-            return os.path.getsize(os.path.join(where, filename))
-        with requests.head(f"{where}/{filename}", allow_redirects=True, timeout=hf_constants.HF_HUB_ETAG_TIMEOUT) as r:
+        directory = _local_dir(source)
+        if directory is not None:
+            return os.path.getsize(os.path.join(directory, filename))
+        with requests.head(f"{source.rstrip('/')}/{filename}", allow_redirects=True,
+                           timeout=hf_constants.HF_HUB_ETAG_TIMEOUT) as r:
             return int(r.headers["Content-Length"]) if r.ok and r.headers.get("Content-Length", "").isdigit() else None
     except (OSError, httpx.HTTPError):
         return None
@@ -219,6 +235,8 @@ def download_data(num_shards, source=None, workers=8):
     Deletes cached shards that fail verify_shard(), refuses when the disk cannot hold the missing ones (sizes
     the source states for DISK_CHECK_SAMPLE of them), fetches them in `workers` threads. Raises SystemExit for
     too little disk space or any shard not fetched: one line per distinct failure, then the overrides."""
+    from huggingface_hub import constants as hf_constants
+
     where = source or f"{hf_constants.ENDPOINT}/datasets/{HF_REPO}"
     partial_dir = os.path.join(DATA_DIR, ".partial")
     shutil.rmtree(partial_dir, ignore_errors=True)  # an interrupted run's leftovers

@@ -102,6 +102,7 @@ def tokenizer(cache):
 
 import functools  # noqa: E402
 import http.server  # noqa: E402
+import socket  # noqa: E402
 import subprocess  # noqa: E402
 import threading  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
@@ -131,6 +132,13 @@ def subprocess_env(cache_dir, **extra):
     env = dict(os.environ, AUTORESEARCH_CACHE_DIR=str(cache_dir), AUTORESEARCH_DEVICE="cpu", PYTHONUNBUFFERED="1")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+def closed_port_url():
+    """http://127.0.0.1:<a port nobody listens on>"""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 class QuietHandler(http.server.SimpleHTTPRequestHandler):

@@ -27,11 +27,12 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import huggingface_hub
 import pytest
 from huggingface_hub import constants as hf_constants
 
 import prepare
-from conftest import ROOT, make_documents, point_prepare_at, write_shard
+from conftest import ROOT, closed_port_url, make_documents, point_prepare_at, write_shard
 
 HUB_PREFIX = f"/datasets/{prepare.HF_REPO}/resolve/main/"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -204,13 +205,6 @@ def point_hub_at(monkeypatch, url):
     monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
 
 
-def closed_port_url():
-    """http://127.0.0.1:<a port nobody listens on>"""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
-
-
 @pytest.fixture
 def hub(server, monkeypatch):
     """huggingface_hub in this process pointed at the loopback server, with 1 s timeouts."""
@@ -351,7 +345,7 @@ def test_the_hub_clients_closed_session_is_one_line(data_dir, monkeypatch):
     """A thread's refused connection makes huggingface_hub close the client that the other threads use."""
     def closed(*args, **kwargs):
         raise RuntimeError("Cannot send a request, as the client has been closed.")
-    monkeypatch.setattr(prepare, "hf_hub_download", closed)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", closed)  # imported on use
     assert prepare.download_shard(0, None, data_dir) == (NAME, "RuntimeError: Cannot send a request, as the client "
                                                                "has been closed.")
     assert cache_listing(data_dir) == []
