@@ -225,7 +225,7 @@ def _stated_size(source, index):
         with requests.head(f"{source.rstrip('/')}/{filename}", allow_redirects=True,
                            timeout=hf_constants.HF_HUB_ETAG_TIMEOUT) as r:
             return int(r.headers["Content-Length"]) if r.ok and r.headers.get("Content-Length", "").isdigit() else None
-    except (OSError, httpx.HTTPError):
+    except (OSError, httpx.HTTPError, RuntimeError):  # as in download_shard: the hub client closed by a refusal
         return None
 
 
