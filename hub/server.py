@@ -223,6 +223,7 @@ class Hub:
         os.makedirs(self.tmp)
         if not os.path.isdir(self.repo):
             subprocess.run(["git", "init", "--quiet", "--bare", self.repo], check=True)
+        self.remove_stale_git_locks()
         # at every start: a repository restored from a `git clone --mirror` backup gets them too.
         # bigFileThreshold: git streams a blob above it instead of holding it in memory (a push's 1 GiB of zeros)
         for key, value in [("core.hooksPath", "/dev/null"), ("core.fsync", "all"), ("core.fsyncMethod", "fsync"),
@@ -232,6 +233,16 @@ class Hub:
         self.writer = connect(self.db_path)
         self.writer.executescript(SCHEMA)
         self.recover()
+
+    def remove_stale_git_locks(self):
+        """A hub killed while one of its git children held a lock file (a ref's, packed-refs', config's) leaves
+        the file behind, and git then refuses that update for good ("remove the file manually to continue"): the
+        agent's retried push would fail forever. At start no git of this hub runs (its children die with it) and
+        the hub is the repository's only writer, as for tmp/ above: every *.lock in repo.git is stale."""
+        for root, _, files in os.walk(self.repo):
+            for name in files:
+                if name.endswith(".lock"):
+                    os.remove(os.path.join(root, name))
 
     def git(self, *args, **options):
         """store.git on repo.git, killed after git_timeout_s."""
