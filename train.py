@@ -375,7 +375,7 @@ class MuonAdamW(torch.optim.Optimizer):
 # 300 s runs on a 2-core CPU (docs/cpu.md). Edit the value for the device you run on.
 
 # Model architecture
-ASPECT_RATIO = 64                                # model_dim = DEPTH * ASPECT_RATIO
+ASPECT_RATIO = 64 if ON_CUDA else 32             # model_dim = DEPTH * ASPECT_RATIO
 HEAD_DIM = 128 if ON_CUDA else 64                # target head dimension for attention
 WINDOW_PATTERN = "SSSL" if ON_CUDA else "L"      # sliding-window pattern: L = full context, S = half context
 

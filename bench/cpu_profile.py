@@ -24,11 +24,12 @@ from noise import parse_summary  # bench/noise.py: the summary block as a dict
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # name -> overrides of train.py / prepare.py constants, on top of the current CPU profile
-# (d256, 4 layers, HEAD_DIM 64, window "L", 4096 tokens/step in batches of 16 rows of MAX_SEQ_LEN 256)
+# (d128, 4 layers, HEAD_DIM 64, window "L", 4096 tokens/step in batches of 16 rows of MAX_SEQ_LEN 256)
 CANDIDATES = {
-    "d256L4": {},                                                 # the current profile
+    "d128L4": {},                                                 # the current profile
+    "d256L4": {"ASPECT_RATIO": 64},                               # the profile before issue 23
+    "d128L3": {"DEPTH": 3, "ASPECT_RATIO": 42},
     "d128L2": {"DEPTH": 2, "ASPECT_RATIO": 64},
-    "d128L4": {"DEPTH": 4, "ASPECT_RATIO": 32},
     "d256L2": {"DEPTH": 2, "ASPECT_RATIO": 128},
     "d128L2b8k": {"DEPTH": 2, "ASPECT_RATIO": 64, "TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},
     "b8k": {"TOTAL_BATCH_SIZE": 2**13, "DEVICE_BATCH_SIZE": 32},  # 8192 tokens/step

@@ -97,7 +97,8 @@ Every number is an entry of LIMITS (default in brackets), changed with --limit N
 - Browsers and proxies: X-Forwarded-For and friends are ignored unless --trust-proxy; on a loopback address
   only loopback Host names are served (no DNS rebinding); a JSON body needs Content-Type application/json (no
   cross-site form posts); wrong read tokens on the page are rate-limited per address (guess_rate, guess_burst),
-  like registrations and so invite tokens (register_rate, register_burst). Keys are 256 random bits.
+  like registrations and so invite tokens (register_rate, register_burst); the per-address state is bounded
+  (buckets). Keys are 256 random bits.
 - The baseline: /api/baseline answers the OLDEST root with a given prepare.py, and roots obey the content rules,
   so no number of later roots changes what a new agent starts from.
 """
@@ -172,6 +173,7 @@ LIMITS = dict(
     push_rate=0.2, push_burst=10,          # pushes per second per key: each one runs git several times
     register_rate=0.2, register_burst=20,  # registrations (and invite-token tries) per second per client address
     guess_rate=0.2, guess_burst=20,        # wrong read tokens on the page per second per client address
+    buckets=100_000,          # rate-limit states kept (per key and client address); full buckets are forgotten first
 )
 AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 CHANNEL_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -221,6 +223,7 @@ class Hub:
         os.makedirs(self.tmp)
         if not os.path.isdir(self.repo):
             subprocess.run(["git", "init", "--quiet", "--bare", self.repo], check=True)
+        self.remove_stale_git_locks()
         # at every start: a repository restored from a `git clone --mirror` backup gets them too.
         # bigFileThreshold: git streams a blob above it instead of holding it in memory (a push's 1 GiB of zeros)
         for key, value in [("core.hooksPath", "/dev/null"), ("core.fsync", "all"), ("core.fsyncMethod", "fsync"),
@@ -230,6 +233,16 @@ class Hub:
         self.writer = connect(self.db_path)
         self.writer.executescript(SCHEMA)
         self.recover()
+
+    def remove_stale_git_locks(self):
+        """A hub killed while one of its git children held a lock file (a ref's, packed-refs', config's) leaves
+        the file behind, and git then refuses that update for good ("remove the file manually to continue"): the
+        agent's retried push would fail forever. At start no git of this hub runs (its children die with it) and
+        the hub is the repository's only writer, as for tmp/ above: every *.lock in repo.git is stale."""
+        for root, _, files in os.walk(self.repo):
+            for name in files:
+                if name.endswith(".lock"):
+                    os.remove(os.path.join(root, name))
 
     def git(self, *args, **options):
         """store.git on repo.git, killed after git_timeout_s."""
@@ -268,6 +281,8 @@ class Hub:
         """Token bucket: None if a request may go on, else the seconds until it may."""
         now = time.monotonic()
         with self.bucket_lock:
+            if key not in self.buckets and len(self.buckets) >= self.limits["buckets"]:
+                self.forget_buckets(now)
             tokens, last = self.buckets.get(key, (burst, now))
             tokens = min(burst, tokens + (now - last) * rate)
             if tokens < 1:
@@ -275,6 +290,26 @@ class Hub:
                 return (1 - tokens) / rate if rate > 0 else 3600
             self.buckets[key] = (tokens - 1, now)
             return None
+
+    def forget_buckets(self, now):
+        """Bound the buckets (and the page's blocked addresses) that many client addresses would grow: forget
+        the buckets that have refilled (a new one starts full, so nothing changes for them) and the blocks that
+        have ended; if that frees less than half, forget the least recently used half as well. Under
+        bucket_lock. A client with a fresh address per request is beyond any per-address limit anyway."""
+        kinds = ("", "push_", "register_", "guess_")
+        refill = max(self.limits[k + "burst"] / self.limits[k + "rate"] for k in kinds if self.limits[k + "rate"] > 0)
+        for key, (tokens, last) in list(self.buckets.items()):
+            if now - last >= refill:  # full again whatever its kind
+                del self.buckets[key]
+        for client, until in list(self.blocked.items()):
+            if until <= now:
+                del self.blocked[client]
+        keep = self.limits["buckets"] // 2
+        if len(self.buckets) > keep:
+            recent = sorted(self.buckets.items(), key=lambda item: item[1][1])[-keep:]
+            self.buckets = dict(recent)
+        if len(self.blocked) > keep:
+            self.blocked = dict(sorted(self.blocked.items(), key=lambda item: item[1])[-keep:])
 
     def limit_rate(self, key, kind=""):
         wait = self.take((kind, key), self.limits[kind + "rate"], self.limits[kind + "burst"])

@@ -191,6 +191,32 @@ def test_token_bucket_refills_at_its_rate(hub):
     assert state.take("k", 1000.0, 2) is None
 
 
+def test_rate_limit_state_stays_bounded_and_keeps_the_buckets_that_matter(make_hub):
+    """Many client addresses guessing read tokens grew the buckets and the blocked addresses without bound.
+    At the bound, refilled buckets and ended blocks are forgotten (nothing changes for them), then the least
+    recently used half; a guesser's empty bucket survives."""
+    hub = make_hub(limits={"buckets": 10, "guess_burst": 2})
+    state = hub.app.state.hub
+    now = time.monotonic()
+    for i in range(6):  # refilled long ago
+        state.buckets[("guess_", f"10.0.0.{i}")] = (0.0, now - 1000)
+        state.blocked[f"10.0.0.{i}"] = now - 1
+    for _ in range(3):
+        state.take(("guess_", "10.9.9.9"), 0.2, 2)  # empties its bucket
+    for i in range(3):
+        state.take(("", f"agent{i}"), 2.0, 120)
+    state.blocked["10.9.9.9"] = now + 60
+    assert len(state.buckets) == 10
+    state.take(("guess_", "10.1.1.1"), 0.2, 2)  # the eleventh key: forget first
+    assert len(state.buckets) == 5 and ("guess_", "10.0.0.0") not in state.buckets
+    assert state.take(("guess_", "10.9.9.9"), 0.2, 2) is not None  # still empty: still limited
+    assert state.blocked == {"10.9.9.9": now + 60}
+    for i in range(100):  # all recent: the least recently used half goes
+        state.take(("register_", f"10.2.{i}.1"), 0.2, 20)
+        assert len(state.buckets) <= 10
+    assert ("register_", "10.2.99.1") in state.buckets
+
+
 # ---------------------------------------------------------------------------
 # Channels and posts
 # ---------------------------------------------------------------------------

@@ -121,6 +121,24 @@ def test_sigkill_mid_post(started, point):
         hub.kill()
 
 
+def test_lock_files_left_by_a_killed_git_do_not_block_the_retried_push(started):
+    """A SIGKILL while git held a ref's lock left refs/commits/<hash>.lock behind: the retried push of that commit
+    failed for good ("remove the file manually to continue"), and a stale config.lock stopped the next start."""
+    data, auth, repo, root = started
+    child = commit_file(repo, "train.py", "LR = 0.05\n", "child")
+    git_dir = os.path.join(data, "repo.git")
+    for name in (f"refs/commits/{child}.lock", "packed-refs.lock", "config.lock", "HEAD.lock"):
+        with open(os.path.join(git_dir, name), "w") as f:
+            f.write("")
+    hub = HubProcess(data)
+    try:
+        answer = push(hub, auth, bundle(repo))
+        assert answer.status_code == 200, answer.text
+        assert [r["hash"] for r in check_consistent(data, hub, auth)] == [child, root]
+    finally:
+        hub.kill()
+
+
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path):
     """An agent pushes and posts as fast as it can; the hub is killed at random moments, five times."""
     rng = random.Random(14)

@@ -380,9 +380,10 @@ def test_cpu_budget_clock_is_the_main_threads_cpu_time(monkeypatch):
     """On a CPU the budget runs on the main thread's CPU time: time this thread spends not running (here asleep;
     in a run, descheduled by other processes' load) is not spent from the budget. On CUDA and MPS: wall time."""
     import time
+    monkeypatch.setattr(hardware, "_START", (time.time() - 10.0, time.thread_time() - 10.0))  # ran all along
     before = hardware.budget_clock()
     time.sleep(0.3)
-    assert hardware.budget_clock() - before < 0.1
+    assert hardware.budget_clock() - before < 0.05
     x, give_up = torch.randn(256, 256), time.time() + 30
     while hardware.budget_clock() - before < 0.2 and time.time() < give_up:  # computing spends it
         x @ x
@@ -390,6 +391,19 @@ def test_cpu_budget_clock_is_the_main_threads_cpu_time(monkeypatch):
     for device_type in ("cuda", "mps"):
         monkeypatch.setattr(hardware, "DEVICE_TYPE", device_type)
         assert abs(hardware.budget_clock() - time.time()) < 1.0
+
+
+def test_cpu_budget_clock_runs_at_least_a_third_of_wall_time_on_a_very_busy_machine(monkeypatch):
+    """A main thread that got under a third of the wall time (here: 100 s of wall since import, 10 s of CPU)
+    spends the budget at a third of the wall time, so the run ends within 3x the budget instead of hours later."""
+    import time
+    monkeypatch.setattr(hardware, "_START", (time.time() - 100.0, time.thread_time() - 10.0))
+    assert abs(hardware.budget_clock() - 100.0 / 3) < 0.5
+    before = hardware.budget_clock()
+    time.sleep(0.6)  # asleep, as when other processes hold the cores
+    assert 0.15 <= hardware.budget_clock() - before <= 0.4  # a third of 0.6 s, give or take the scheduler
+    monkeypatch.setattr(hardware, "_START", (time.time() - 100.0, time.thread_time() - 50.0))  # share 0.5
+    assert abs(hardware.budget_clock() - 50.0) < 0.5  # CPU time leads: the floor does not apply
 
 
 def test_load_report_gives_the_share_of_wall_time_and_the_load_average(monkeypatch):

@@ -212,7 +212,7 @@ def test_mean_command_skips_crash_rows_and_handles_one_run_and_none(program, tmp
         assert result.returncode == 1 and result.stdout == f"no finished run of {commit}\n"
 
 
-def test_timeout_command_takes_twice_the_longest_finished_baseline_run(program, tmp_path):
+def test_timeout_command_takes_four_times_the_longest_finished_baseline_run(program, tmp_path):
     command = the_command(program, "logs/<commit>-*.log")
     logs = tmp_path / "logs"
     logs.mkdir()
@@ -222,7 +222,7 @@ def test_timeout_command_takes_twice_the_longest_finished_baseline_run(program, 
     (logs / "a1b2c3d-44.log").write_text(summary.format("325.9"))
     (logs / "b2c3d4e-42.log").write_text(summary.format("999.0"))  # another commit: not the baseline
     result = bash(fill(command, commit="a1b2c3d"), tmp_path)
-    assert result.returncode == 0 and result.stdout == "T = 664\n"  # 2 * 331.7 = 663.4, rounded up
+    assert result.returncode == 0 and result.stdout == "T = 1327\n"  # 4 * 331.7 = 1326.8, rounded up
     result = bash(fill(command, commit="d4e5f60"), tmp_path)
     assert "no finished run" in result.stdout
 
