@@ -106,6 +106,7 @@ Every number is an entry of LIMITS (default in brackets), changed with --limit N
 import argparse
 import collections
 import contextlib
+import fcntl
 import functools
 import hashlib
 import hmac
@@ -197,6 +198,28 @@ def crash_point(name):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+_HELD_DIRS = {}  # data directory -> its locked hub.lock, open for the life of this process
+
+
+def hold_data_dir(data):
+    """One hub process per data directory: a second one would delete the first's push quarantines (tmp/) and
+    its git lock files at start. flock on DATA/hub.lock, released by the kernel when the process dies (a SIGKILL
+    too). This process may open the same directory again (tests build several apps on one directory).
+
+    Raises:
+        SystemExit: another process holds the lock.
+    """
+    if data in _HELD_DIRS:
+        return
+    f = open(os.path.join(data, "hub.lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.close()
+        raise SystemExit(f"hub: another hub process is serving {data}; one hub per data directory")
+    _HELD_DIRS[data] = f
+
+
 class Hub:
     """The hub's state: paths, the writer lock, per-thread read connections, rate-limit buckets, git workers."""
 
@@ -219,6 +242,7 @@ class Hub:
         self.bundles, self.bundle_bytes = collections.OrderedDict(), 0  # LRU of fetched bundles
         self.best_of = {}  # platform -> (records version, answer of /api/best)
         os.makedirs(self.data, exist_ok=True)
+        hold_data_dir(self.data)
         shutil.rmtree(self.tmp, ignore_errors=True)  # quarantines of pushes that never finished
         os.makedirs(self.tmp)
         if not os.path.isdir(self.repo):

@@ -139,6 +139,21 @@ def test_lock_files_left_by_a_killed_git_do_not_block_the_retried_push(started):
         hub.kill()
 
 
+def test_a_second_hub_on_the_same_data_directory_is_refused(started):
+    """A second hub process on a served directory would delete the first one's quarantines and git locks at
+    its start: it is refused with one line. Once the first is killed, the lock goes with it."""
+    data, auth, _, root = started
+    first = HubProcess(data)
+    try:
+        with pytest.raises(RuntimeError, match="another hub process is serving"):
+            HubProcess(data)
+        assert [r["hash"] for r in get(first, auth, "/api/git/commits")] == [root]
+    finally:
+        first.kill()
+    second = HubProcess(data)  # SIGKILL released the lock
+    second.kill()
+
+
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path):
     """An agent pushes and posts as fast as it can; the hub is killed at random moments, five times."""
     rng = random.Random(14)
