@@ -258,6 +258,14 @@ class Hub:
         self.writer.executescript(SCHEMA)
         self.recover()
 
+    def close(self):
+        """Close the database writer and release the data directory, so that a hub process may serve it (a tool
+        or test that built the schema in-process). Another Hub of this process on the directory loses it too."""
+        self.writer.close()
+        held = _HELD_DIRS.pop(self.data, None)
+        if held:
+            held.close()  # closing the file releases its flock
+
     def remove_stale_git_locks(self):
         """A hub killed while one of its git children held a lock file (a ref's, packed-refs', config's) leaves
         the file behind, and git then refuses that update for good ("remove the file manually to continue"): the

@@ -39,7 +39,7 @@ def connect(data_dir):
     except ImportError:
         server = None
     if server is not None and hasattr(server, "create_app"):
-        server.create_app(str(data_dir), dashboard=False).state.hub.writer.close()
+        server.create_app(str(data_dir), dashboard=False).state.hub.close()  # a hub process may serve it next
     conn = sqlite3.connect(os.path.join(data_dir, "hub.sqlite3"))
     conn.execute("PRAGMA journal_mode=WAL")
     for statement in SCHEMA:

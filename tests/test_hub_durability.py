@@ -16,6 +16,7 @@ import time
 import pytest
 import requests
 
+from hub import server
 from hub_helpers import HubProcess, baseline_repo, bundle, commit_file, run_git
 
 TIMEOUT = 60
@@ -152,6 +153,11 @@ def test_a_second_hub_on_the_same_data_directory_is_refused(started):
         first.kill()
     second = HubProcess(data)  # SIGKILL released the lock
     second.kill()
+    built = server.create_app(data, dashboard=False).state.hub  # in this process: it holds the directory...
+    with pytest.raises(RuntimeError, match="another hub process is serving"):
+        HubProcess(data)
+    built.close()  # ...until it closes it
+    HubProcess(data).kill()
 
 
 def test_sigkill_at_random_moments_loses_nothing_acknowledged(tmp_path):
