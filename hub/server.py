@@ -328,8 +328,8 @@ class Hub:
         the buckets that have refilled (a new one starts full, so nothing changes for them) and the blocks that
         have ended; if that frees less than half, forget the least recently used half as well. Under
         bucket_lock. A client with a fresh address per request is beyond any per-address limit anyway."""
-        kinds = ("", "push_", "register_", "guess_")
-        refill = max(self.limits[k + "burst"] / self.limits[k + "rate"] for k in kinds if self.limits[k + "rate"] > 0)
+        refill = max(self.limits[name[:-4] + "burst"] / rate for name, rate in self.limits.items()
+                     if name.endswith("rate") and rate > 0)  # the slowest bucket kind's time to refill
         for key, (tokens, last) in list(self.buckets.items()):
             if now - last >= refill:  # full again whatever its kind
                 del self.buckets[key]
